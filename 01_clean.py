@@ -534,7 +534,8 @@ def plot(folder, stats, before, after):
     plt.close("all")
 
 
-def main():
+def make_parser():
+    """The flags; a function so that the bench and the tests can read the same defaults."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="data", help="data folder; writes DATA/01_clean/")
@@ -561,6 +562,11 @@ def main():
                    help="no topic may exceed this share of the final corpus (1 = no cap)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents in val")
     p.add_argument("--seed", type=int, default=0, help="MinHash hash functions")
+    return p
+
+
+def main():
+    p = make_parser()
     a = p.parse_args()
     for flag, ok in (("--split-chars", a.split_chars > 0), ("--shingle", a.shingle > 0),
                      ("--num-perm", a.num_perm > 0), ("--threshold", 0 < a.threshold <= 1),

@@ -1,0 +1,305 @@
+"""Tests for 01_clean.py: each cleaning step on fixtures written here, checked against an
+independent reference (exact Jaccard, brute-force all-pairs dedup, sha1 order), then end to end
+on a tiny folder of every supported file type, and the bad inputs that must exit with status 2."""
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+
+import pytest
+
+from conftest import load, run
+
+clean = load("01_clean")
+
+
+def opts(**kw):
+    """The script's default flags, from its own parser, with some changed."""
+    a = clean.make_parser().parse_args([])
+    vars(a).update(kw)
+    return a
+
+
+def new_stats():
+    return {"decode": {"invalid_bytes": 0}, "html": {"files": 0}, "normalize": {},
+            "split": {"pieces": 0}, "filters": {}, "exact_dedup": {}, "near_dedup": {"examples": []}}
+
+
+VOCAB = ("river mountain engine theory music garden language history planet forest market "
+         "window science bridge animal painting number village ocean letter system castle "
+         "teacher railway kingdom island harvest library machine weather festival").split()
+
+
+def prose(seed, n=120):
+    """Random but letter-rich sentences: passes the quality filters, shares few 5-grams."""
+    rng = random.Random(seed)
+    words = [rng.choice(VOCAB) for _ in range(n)]
+    return " ".join(" ".join(words[i:i + 12]).capitalize() + "." for i in range(0, n, 12))
+
+
+def edit(text, n_edits, seed):
+    """Replace n_edits words: a near duplicate such as a lightly revised copy of a page."""
+    rng = random.Random(seed)
+    words = text.split(" ")
+    for i in rng.sample(range(len(words)), n_edits):
+        words[i] = "changed"
+    return " ".join(words)
+
+
+def jaccard(a, b, k=5):
+    sa, sb = ({tuple(w[i:i + k]) for i in range(len(w) - k + 1)}
+              for w in (re.findall(r"\w+", t.lower()) for t in (a, b)))
+    return len(sa & sb) / len(sa | sb)
+
+
+# ---- single steps -------------------------------------------------------------------------
+
+def test_html_to_text_drops_scripts_styles_comments_and_unescapes():
+    page = ("<html><head><title>T</title><style>p {color: red}</style>"
+            "<script>var x = '<p>not text</p>';</script></head><body>"
+            "<!-- a comment --><p>Fish &amp; chips &eacute;t&eacute; &#8364;5</p>"
+            "<div>second<br>line</div></body></html>")
+    text = clean.html_to_text(page)
+    assert "color" not in text and "var x" not in text and "not text" not in text
+    assert "comment" not in text
+    assert "Fish & chips été €5" in text
+    assert re.search(r"second\s*\n\s*line", text)  # block elements became line breaks
+
+
+def test_normalize_nfc_punctuation_control_whitespace():
+    stats = new_stats()
+    raw = "Cafe\u0301 \u201cquoted\u201d it\u2019s\u00a0a\u200b test\x07 \u2026\r\n\n\n\n    indented   code  \t"
+    out = clean.normalize(raw, stats)
+    assert out == 'Café "quoted" it\'s a test ...\n\n    indented code'
+    assert set(stats["normalize"]) == {"nfc", "control_chars", "punctuation", "whitespace"}
+    assert clean.normalize(out, new_stats()) == out  # idempotent
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    f = tmp_path / "bad.txt"
+    f.write_bytes("good text ".encode() + b"\xff\xfe" + " more \xe9".encode("latin-1"))
+    stats = new_stats()
+    text = clean.read_text(str(f), stats)
+    assert text == "good text \ufffd\ufffd more \ufffd"
+    assert stats["decode"]["invalid_bytes"] == 3
+
+
+def test_split_long_keeps_all_text_and_respects_limit():
+    paras = [prose(i, 60) for i in range(20)]
+    text = "\n\n".join(paras)
+    pieces = clean.split_long(text, 1000)
+    assert len(pieces) > 1 and all(len(p) <= 1000 for p in pieces)
+    assert "\n\n".join(pieces) == text
+    one_paragraph = " ".join(paras)  # no blank lines: falls back to sentence boundaries
+    pieces = clean.split_long(one_paragraph, 1000)
+    assert all(len(p) <= 1000 for p in pieces) and " ".join(pieces) == one_paragraph
+    blob = "x" * 5000  # nothing to split at: stays whole for the too_long filter
+    assert clean.split_long(blob, 1000) == [blob]
+
+
+@pytest.mark.parametrize("rule,text", [
+    ("too_short", "Only a few words here."),
+    ("too_long", "word " * 5000),
+    ("few_letters", "+----+----+ | a | b | +----+----+ " * 5 + " ".join(VOCAB[:10])),
+    ("many_digits", "Population 19990 in kingdom, 20001 in village, 30002 in island, "
+                    "40003 in castle, and 50004 in market areas"),
+    ("many_symbols", "Price €5 £4 $3 ¥2 ©®™ §¶ €5 £4 $3 ¥2 ©®™ " + " ".join(VOCAB[:10])),
+    ("repeated_lines", "\n".join(["Click here to subscribe now"] * 4 + [prose(1, 20)])),
+    ("word_length", "a an it is on at by to of in so we go up me he as or if do " * 2),
+    ("word_length", " ".join(["internationalisation"] * 3 + ["characteristically"] * 10)),
+])
+def test_each_quality_rule(rule, text):
+    assert clean.quality_problem(text, opts()) == rule
+
+
+def test_good_prose_passes_quality_filters():
+    assert clean.quality_problem(prose(0), opts()) is None
+
+
+def test_minhash_estimates_jaccard():
+    a, b = clean.minhash_params(256)
+    base = prose(1, 300)
+    for n_edits in (0, 3, 10, 30, 60):
+        other = edit(base, n_edits, n_edits)
+        ids = {}
+        s1 = clean.minhash(clean.shingles(base, 5, ids), a, b)
+        s2 = clean.minhash(clean.shingles(other, 5, ids), a, b)
+        # 256 hash functions: the estimate's standard deviation is at most 0.5/16 ~ 0.03
+        assert abs((s1 == s2).mean() - jaccard(base, other)) < 0.1
+
+
+def test_near_dedup_matches_brute_force():
+    """LSH must find the same duplicates as comparing every pair (the quadratic reference)."""
+    rng = random.Random(0)
+    docs = []
+    for i in range(40):
+        base = prose(100 + i, 200)
+        docs.append(base)
+        for j in range(rng.randrange(3)):  # 0-2 near copies with 1-2 edited words
+            docs.append(edit(base, rng.randrange(1, 3), 1000 * i + j))
+    rng.shuffle(docs)
+    sims = [jaccard(a, b) for i, a in enumerate(docs) for b in docs[:i]]
+    assert all(s < 0.4 or s > 0.8 for s in sims)  # no pair near the 0.7 threshold
+    kept_ref = []
+    for d in docs:  # first of each group survives, exactly as the script promises
+        if all(jaccard(d, k) < 0.7 for k in kept_ref):
+            kept_ref.append(d)
+    stats = {"examples": []}
+    kept = clean.near_dedup([{"text": d} for d in docs], opts(), stats)
+    assert [d["text"] for d in kept] == kept_ref
+    assert 40 == len(kept) < len(docs)
+    assert stats["candidate_pairs"] < len(docs) ** 2 / 10  # LSH did not compare all pairs
+
+
+def test_cap_topics_caps_share_and_drops_by_hash():
+    docs = ([{"text": f"a {i}", "topic": "A"} for i in range(30)]
+            + [{"text": f"b {i}", "topic": "B"} for i in range(10)]
+            + [{"text": f"c {i}", "topic": "C"} for i in range(10)]
+            + [{"text": f"u {i}", "topic": None} for i in range(5)])
+    kept, cap, removed = clean.cap_topics(docs, 0.4)
+    # the largest cap with cap <= 0.4 * (cap + 10 + 10 + 5) is 16
+    assert cap == 16 and removed == {"A": 14}
+    a_kept = {d["text"] for d in kept if d["topic"] == "A"}
+    by_sha = sorted((f"a {i}" for i in range(30)),
+                    key=lambda t: hashlib.sha1(t.encode()).digest())
+    assert a_kept == set(by_sha[:16])
+    assert max(sum(d["topic"] == t for d in kept) for t in "ABC") / len(kept) <= 0.4
+    kept2, _, _ = clean.cap_topics(list(reversed(docs)), 0.4)  # order does not matter
+    assert {d["text"] for d in kept2} == {d["text"] for d in kept}
+    # two topics cannot be held to 40% each: stop at equal sizes rather than cut everything
+    kept3, cap3, _ = clean.cap_topics(docs[:40], 0.4)
+    assert cap3 == 10 and len(kept3) == 20
+
+
+def test_builtin_corpus_is_the_pinned_one(monkeypatch):
+    wiki = clean.load_wikipedia()
+    assert len(wiki) == 10033
+    topics = {}
+    for d in wiki:
+        topics[d["topic"]] = topics.get(d["topic"], 0) + 1
+    assert topics["People"] == 1828 and topics["Mathematics"] == 256 and len(topics) == 12
+    assert len(clean.load_pydoc()) == 79
+    monkeypatch.setattr(clean, "WIKI_SHA256", "0" * 64)
+    with pytest.raises(clean.UserError, match="sha256"):
+        clean.load_wikipedia()
+
+
+def test_failed_write_leaves_old_output(tmp_path, monkeypatch):
+    out = tmp_path / "01_clean"
+    out.mkdir()
+    (out / "train.jsonl").write_text("old\n")
+
+    def boom(*args):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(clean, "plot", boom)
+    with pytest.raises(RuntimeError):
+        clean.write_outputs(str(out), [{"text": "new"}], [], {}, [])
+    assert (out / "train.jsonl").read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["01_clean"]  # no temporary folder left behind
+
+
+# ---- end to end ---------------------------------------------------------------------------
+
+def make_corpus(folder):
+    """A tiny corpus of every supported type with one of every problem the script fixes."""
+    folder.mkdir()
+    docs = [prose(i) for i in range(12)]
+    (folder / "a.txt").write_text(docs[0])
+    (folder / "b.md").write_text("# Title\n\n" + docs[1])
+    (folder / "page.html").write_text(
+        f"<html><script>alert('x')</script><style>b{{}}</style><p>{docs[2]} Fish &amp; chips.</p>"
+        "<!-- hidden --></html>")
+    with gzip.open(folder / "c.txt.gz", "wt") as f:
+        f.write(docs[3])
+    (folder / "bad_utf8.txt").write_bytes(docs[4].encode() + b" \xff\xfe end.")
+    (folder / "ignored.csv").write_text("not read")
+    recs = [{"text": docs[i], "topic": "T"} for i in range(5, 10)]
+    recs += [{"text": docs[5]}, {"text": edit(docs[6], 2, 0)}, {"text": "too short"}]
+    (folder / "d.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    with gzip.open(folder / "e.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": docs[10]}) + "\n\n" + json.dumps({"text": docs[11]}) + "\n")
+    return docs
+
+
+def read_out(data):
+    out = data / "01_clean"
+    rows = {s: [json.loads(l) for l in open(out / f"{s}.jsonl")] for s in ("train", "val")}
+    return rows, json.loads((out / "stats.json").read_text())
+
+
+def test_end_to_end_tiny_folder(tmp_path):
+    docs = make_corpus(tmp_path / "in")
+    data = tmp_path / "data"
+    r = run("01_clean", "--data", data, "--no-builtin", "--input", tmp_path / "in",
+            "--val-fraction", "0.3", timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows, stats = read_out(data)
+    out = rows["train"] + rows["val"]
+    assert all(set(d) == {"text", "source", "topic", "title"} for d in out)
+    texts = " ".join(d["text"] for d in out)
+    # each of the 12 distinct documents survives once; duplicates, near copy, short one do not
+    assert len(out) == 12 and stats["documents_in"] == 15
+    assert all(sum(d[:60] in t["text"] for t in out) == 1 for d in docs)
+    assert "alert" not in texts and "hidden" not in texts and "Fish & chips." in texts
+    assert stats["decode"]["invalid_bytes"] == 2 and "\ufffd" in texts
+    assert stats["filters"]["too_short"]["count"] == 1
+    assert stats["exact_dedup"]["removed"]["count"] == 1
+    assert stats["after_exact_dedup"] - stats["after_near_dedup"] == 1
+    assert sum(d["topic"] == "T" for d in out) == 5
+    assert {os.path.basename(d["source"]) for d in out} >= {"a.txt", "page.html", "e.jsonl.gz"}
+    for png in ("lengths.png", "topics.png", "filters.png"):
+        assert (data / "01_clean" / png).stat().st_size > 1000
+    assert "train documents" in r.stdout
+
+    # The split is by hash: adding documents never moves an old one between train and val.
+    before = {s: {d["text"] for d in rows[s]} for s in rows}
+    with open(tmp_path / "in" / "more.jsonl", "w") as f:
+        for i in range(20, 30):
+            f.write(json.dumps({"text": prose(i)}) + "\n")
+    r = run("01_clean", "--data", data, "--no-builtin", "--input", tmp_path / "in",
+            "--val-fraction", "0.3", timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows2, _ = read_out(data)
+    after = {s: {d["text"] for d in rows2[s]} for s in rows2}
+    assert before["train"] <= after["train"] and before["val"] <= after["val"]
+    assert len(after["train"]) + len(after["val"]) == 22 and after["val"]
+    assert sorted(os.listdir(data)) == ["01_clean"]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "binary", "bad_jsonl", "no_text_field",
+                                  "filters_leave_nothing", "bad_flag"])
+def test_bad_input_exits_2_with_one_line_and_keeps_old_output(tmp_path, case):
+    data = tmp_path / "data"
+    old = data / "01_clean"
+    old.mkdir(parents=True)
+    (old / "train.jsonl").write_text('{"text": "old"}\n')
+    good = tmp_path / "good.txt"
+    good.write_text(prose(0))
+    bad = tmp_path / "bad.jsonl"
+    args, expect = ["--input", bad], "bad.jsonl"
+    if case == "missing":
+        expect = "bad.jsonl: no such file"
+    elif case == "empty":
+        bad.write_text("\n  \n")
+        expect = "empty"
+    elif case == "binary":
+        bad = tmp_path / "bad.txt"
+        bad.write_bytes(bytes(range(256)) * 4)
+        args, expect = ["--input", bad], "bad.txt: looks like a binary file"
+    elif case == "bad_jsonl":
+        bad.write_text('{"text": "fine"}\n{"text": broken\n')
+        expect = "bad.jsonl:2: not valid JSON Lines"
+    elif case == "no_text_field":
+        bad.write_text('{"body": "no text"}\n')
+        expect = "bad.jsonl:1"
+    elif case == "filters_leave_nothing":
+        args, expect = ["--input", good, "--min-words", "100000"], "too_short"
+    elif case == "bad_flag":
+        args, expect = ["--input", good, "--threshold", "1.5"], "--threshold"
+    r = run("01_clean", "--data", data, "--no-builtin", *args, timeout=60)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and expect in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert os.listdir(old) == ["train.jsonl"] and os.listdir(data) == ["01_clean"]
