@@ -74,8 +74,8 @@ def fix_surrogates(text):
 # Tie rule, shared by both: the pair with the highest count wins; among equal counts, the pair
 # with the smallest (left id, right id). Without an explicit rule, "max of a dict" would depend
 # on insertion order and two correct trainers could disagree.
-# A merge whose bytes already exist as a token (rare: "a"+"bc" after "ab"+"c") reuses that
-# token's id, because a tiktoken file maps each byte string to one rank.
+# Should a merge ever produce bytes that are already a token ("a"+"bc" after "ab"+"c"; we have
+# not met it on real text), it reuses that token's id: a tiktoken file maps bytes to one rank.
 
 def merge_ids(ids, a, b, new):
     """Replace every non-overlapping (a, b) in ids, left to right, by new: [a,a,a] -> [aa,a]."""
@@ -154,27 +154,30 @@ def train_fast(texts, vocab_size, pattern, progress=False):
         merges.append((a, b, new))
         grown = set()  # pairs whose count went up: they need a fresh heap entry
         for w in where.pop((a, b)):
-            ids, f, i = words[w], freqs[w], 0
-            while i < len(ids) - 1:
+            ids, f = words[w], freqs[w]
+            i, last = 0, len(ids) - 1
+            while i < last:
                 if ids[i] != a or ids[i + 1] != b:
                     i += 1
                     continue
-                # (x, a, b, y) becomes (x, new, y): pairs (x,a), (a,b), (b,y) lose one
-                # occurrence each (times the word's frequency), (x,new), (new,y) gain one.
-                counts[(a, b)] -= f
+                # (x, a, b, y) becomes (x, new, y): pairs (x,a) and (b,y) lose one occurrence
+                # (times the word's frequency), (x,new) and (new,y) gain one; (a,b) goes away.
                 if i > 0:
                     x = ids[i - 1]
-                    counts[(x, a)] -= f
-                    counts[(x, new)] += f
-                    where[(x, new)].add(w)
-                    grown.add((x, new))
-                if i + 2 < len(ids):
+                    counts[x, a] -= f
+                    pair = (x, new)
+                    counts[pair] += f
+                    where[pair].add(w)
+                    grown.add(pair)
+                if i + 1 < last:
                     y = ids[i + 2]
-                    counts[(b, y)] -= f
-                    counts[(new, y)] += f
-                    where[(new, y)].add(w)
-                    grown.add((new, y))
+                    counts[b, y] -= f
+                    pair = (new, y)
+                    counts[pair] += f
+                    where[pair].add(w)
+                    grown.add(pair)
                 ids[i:i + 2] = [new]  # merged in place, so the next match sees `new` on its left
+                last -= 1
                 i += 1
         del counts[(a, b)]
         for pair in grown:
@@ -207,20 +210,28 @@ class Tokenizer:
         if piece in self.ranks:  # a whole chunk that is one token (tiktoken checks this first)
             return [self.ranks[piece]]
         parts = [piece[i:i + 1] for i in range(len(piece))]
-        while len(parts) > 1:
-            best, best_rank = -1, None
-            for i in range(len(parts) - 1):
-                r = self.ranks.get(parts[i] + parts[i + 1])
-                if r is not None and (best_rank is None or r < best_rank):
-                    best, best_rank = i, r
-            if best < 0:
+        # rank of each adjacent pair's concatenation; after a merge only the two neighbours of
+        # the merged pair change, so we update those instead of recomputing the whole list
+        get, NONE = self.ranks.get, float("inf")
+        pair_ranks = [get(parts[i] + parts[i + 1], NONE) for i in range(len(parts) - 1)]
+        while pair_ranks:
+            best = min(pair_ranks)
+            if best == NONE:
                 break
-            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+            i = pair_ranks.index(best)  # the leftmost of equal ranks, as tiktoken does
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            del pair_ranks[i]
+            if i > 0:
+                pair_ranks[i - 1] = get(parts[i - 1] + parts[i], NONE)
+            if i < len(pair_ranks):
+                pair_ranks[i] = get(parts[i] + parts[i + 1], NONE)
         return [self.ranks[p] for p in parts]
 
     def encode_ordinary(self, text):
         """Encode text, treating special-token strings as plain text."""
         ids, cache = [], self.cache
+        if len(cache) > 1_000_000:  # bound the memory on a huge corpus
+            cache.clear()
         for chunk in self.pat.findall(fix_surrogates(text)):
             hit = cache.get(chunk)
             if hit is None:
