@@ -449,6 +449,8 @@ def run_stage(args):
     train_docs = read_docs(data / "01_clean" / "train.jsonl")
     val_docs = read_docs(data / "01_clean" / "val.jsonl")
     texts = [d["text"] for d in train_docs]
+    if args.train_mb is not None and args.train_mb <= 0:
+        raise UserError(f"--train-mb {args.train_mb}: must be a positive number of megabytes")
     if args.train_mb:  # train on a prefix: the merges settle long before a big corpus ends
         budget, keep = args.train_mb * 1e6, []
         for t in texts:
@@ -511,8 +513,8 @@ def run_stage(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="data", help="reads DIR/01_clean/, writes DIR/02_tokenize/")
-    ap.add_argument("--vocab-size", type=int, default=4096,
+    ap.add_argument("--data", default="data", metavar="DIR", help="reads DIR/01_clean/, writes DIR/02_tokenize/")
+    ap.add_argument("--vocab-size", type=int, default=4096, metavar="N",
                     help="tokens in all: 256 bytes + merges + <|endoftext|> (default 4096)")
     ap.add_argument("--pattern", choices=sorted(PATTERNS), default="cl100k",
                     help="pre-split regex: GPT-4's cl100k (default) or GPT-2's")
@@ -522,7 +524,7 @@ def main():
                     help="encode the splits with tiktoken (default) or our own encoder (same ids)")
     ap.add_argument("--tokenizer", metavar="DIR|cl100k", default=None,
                     help="skip training: reuse the tokenizer saved in DIR, or GPT-4's cl100k_base")
-    ap.add_argument("--train-mb", type=float, default=None,
+    ap.add_argument("--train-mb", type=float, default=None, metavar="MB",
                     help="train the tokenizer on only the first N MB of train.jsonl")
     args = ap.parse_args()
     try:
