@@ -421,7 +421,7 @@ def clean(docs, a, stats):
     stats["documents_in"] = len(docs)
     stats["topics_before"] = dict(Counter(d["topic"] or "(none)" for d in docs).most_common())
     stats["chars_before"] = [len(d["text"]) for d in docs]  # for the plot; popped before saving
-    pieces, fstats = [], stats["filters"]
+    pieces, fstats, times, t0 = [], stats["filters"], {}, time.process_time()
     for d in tqdm(docs, desc="clean", unit="doc", disable=None):
         text = normalize(d["text"], stats)
         # The split key is the *whole* document's hash, so all pieces of one long page land on
@@ -440,6 +440,7 @@ def clean(docs, a, stats):
             pieces.append({"text": part, "source": d["source"], "topic": d["topic"],
                            "title": title, "_frac": frac})
     stats["after_filters"] = len(pieces)
+    times["normalize_split_filter"] = time.process_time() - t0
     if not pieces:
         worst = max(fstats, key=lambda k: fstats[k]["count"], default="quality filters")
         raise UserError(f"filter settings leave no documents (the '{worst}' filter removed "
@@ -454,8 +455,10 @@ def clean(docs, a, stats):
             seen[key] = True
             unique.append(p)
     stats["after_exact_dedup"] = len(unique)
+    times["exact_dedup"] = time.process_time() - t0 - sum(times.values())
     unique = near_dedup(unique, a, stats["near_dedup"])
     stats["after_near_dedup"] = len(unique)
+    times["near_dedup"] = time.process_time() - t0 - sum(times.values())
 
     final, cap, removed = cap_topics(unique, a.max_topic_share)
     stats["topic_cap"] = {"max_share": a.max_topic_share, "cap": cap,
@@ -470,6 +473,8 @@ def clean(docs, a, stats):
     val = [d for d in final if d["_frac"] < a.val_fraction]
     for d in final:
         del d["_frac"]
+    times["cap_and_split"] = time.process_time() - t0 - sum(times.values())
+    stats["cpu_seconds"] = {k: round(v, 3) for k, v in times.items()}  # where the time goes
     return train, val
 
 

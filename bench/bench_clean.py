@@ -90,6 +90,11 @@ def main():
           f"quadratic = {a.repeats ** 2})")
     print(f"ratio {a.repeats}x plain / 1x:    {tp / t1:.2f}  (copies removed by exact dedup; "
           "output identical to 1x)")
+    print(f"\nCPU seconds per step (1x -> {a.repeats}x distinct, ratio): a step far above "
+          f"{a.repeats} would be the one that does not scale")
+    for step, c1 in s1["cpu_seconds"].items():
+        cn = sn["cpu_seconds"][step]
+        print(f"  {step:<24}{c1:>8.2f}{cn:>8.2f}{cn / max(c1, 1e-9):>7.2f}")
     print(f"whole default command (python 01_clean.py, incl. start-up, I/O, plots): "
           f"{t_cli:.1f} s (budget 60 s)")
     print("(timings are wall-clock on whatever else the machine is doing; noisy when shared)")
