@@ -171,7 +171,8 @@ def html_to_text(text):
     parser = HTMLToText()
     parser.feed(text)
     parser.close()
-    return html.unescape("".join(parser.parts))  # a second pass catches double-escaped text
+    # No second html.unescape(): "&amp;lt;" on a page *means* the text "&lt;".
+    return "".join(parser.parts)
 
 
 def load_file(path, stats):
@@ -212,18 +213,30 @@ PUNCT = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e"
                      r"\u2060-\u2064\ufeff]")
 ODD_SPACE = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+NEWLINES = re.compile(r"\r\n?")
 INNER_SPACES = re.compile(r"(?<=\S) {2,}")  # runs of spaces after text; indentation is kept
 BLANK_LINES = re.compile(r"\n{3,}")
 
 
-def normalize(text, stats):
-    """NFC, then punctuation/space/control characters, then whitespace. Leading indentation
+def collapse_whitespace(text):
+    """Trailing spaces go, runs of spaces become one, at most one blank line in a row (a blank
+    line is how a paragraph ends, and the splitter below relies on it). Leading indentation
     survives because the Python docs' code examples mean something by it."""
-    steps = [("nfc", lambda t: unicodedata.normalize("NFC", t)),
-             ("control_chars", lambda t: CONTROL.sub("", t.replace("\r\n", "\n").replace("\r", "\n"))),
-             ("punctuation", lambda t: ODD_SPACE.sub(" ", t.translate(PUNCT))),
-             ("whitespace", lambda t: BLANK_LINES.sub("\n\n", "\n".join(
-                 INNER_SPACES.sub(" ", line.rstrip()) for line in t.split("\n"))).strip("\n"))]
+    lines = (INNER_SPACES.sub(" ", line.rstrip()) for line in text.split("\n"))
+    return BLANK_LINES.sub("\n\n", "\n".join(lines)).strip("\n")
+
+
+def normalize(text, stats):
+    """Each step is counted in stats["normalize"] when it changes a document."""
+    steps = [
+        # "é" typed as e + combining accent, or as one code point: NFC makes them one string.
+        ("nfc", lambda t: unicodedata.normalize("NFC", t)),
+        # Windows/old-Mac line ends, then the invisible: C0/C1 control codes, zero-width
+        # spaces and joiners, byte-order marks (Wikipedia's maths markup is full of them).
+        ("control_chars", lambda t: CONTROL.sub("", NEWLINES.sub("\n", t))),
+        # Typographic quotes, dashes, ellipses and exotic spaces to their ASCII form.
+        ("punctuation", lambda t: ODD_SPACE.sub(" ", t.translate(PUNCT))),
+        ("whitespace", collapse_whitespace)]
     for name, fn in steps:
         new = fn(text)
         if new != text:
@@ -333,8 +346,9 @@ def shingles(text, k, word_ids):
 def minhash(shingle_hashes, a, b):
     """The signature: for each hash function the minimum over the shingles. Two signatures
     agree in a position with probability equal to the Jaccard similarity of the shingle sets."""
-    # Keeping only the low 32 bits after the mod is what mixes: (a*x + b) mod p alone grows
-    # with x, so the smallest shingle would win in every position.
+    # Why the low 32 bits: a*x < 2^64 wraps around p = 2^61 - 1 at most 8 times, so
+    # (a*x + b) mod p still grows with x and the smallest shingle would win in every position
+    # (every pair sharing one shingle would look identical). The low bits are well mixed.
     h = (shingle_hashes[:, None] * a[None, :] + b[None, :]) % MERSENNE & np.uint64(0xFFFFFFFF)
     return h.min(axis=0)
 
@@ -350,22 +364,25 @@ def lsh_shape(num_perm, threshold):
     return max(below, key=lambda s: (1 / s[0]) ** (1 / s[1])) if below else shapes[0]
 
 
-def near_dedup(docs, a_args, stats):
+def near_dedup(docs, opts, stats):
     """Keep the first of every group of near duplicates. Each document is compared only with
     the kept documents that share an LSH bucket with it, so the work grows with the corpus
     size, not with its square as comparing all pairs would."""
-    a, b = minhash_params(a_args.num_perm, a_args.seed)
-    bands, rows = lsh_shape(a_args.num_perm, a_args.threshold)
+    a, b = minhash_params(opts.num_perm, opts.seed)
+    bands, rows = lsh_shape(opts.num_perm, opts.threshold)
     buckets = defaultdict(list)  # (band, band values) -> indices of kept documents
     kept, sigs, word_ids, candidates = [], [], {}, 0
     for doc in tqdm(docs, desc="minhash", unit="doc", disable=None):
-        sig = minhash(shingles(doc["text"], a_args.shingle, word_ids), a, b)
+        sig = minhash(shingles(doc["text"], opts.shingle, word_ids), a, b)
         keys = [(i, sig[i * rows:(i + 1) * rows].tobytes()) for i in range(bands)]
         others = {j for key in keys for j in buckets.get(key, ())}
         candidates += len(others)
-        best = max(others, key=lambda j: (np.mean(sigs[j] == sig), -j), default=None)
-        sim = float(np.mean(sigs[best] == sig)) if best is not None else 0.0
-        if sim >= a_args.threshold:
+        # Verify the candidates: the share of equal signature entries estimates the Jaccard
+        # similarity; LSH only said "maybe".
+        sims = {j: float(np.mean(sigs[j] == sig)) for j in others}
+        best = max(sims, key=lambda j: (sims[j], -j), default=None)
+        sim = sims.get(best, 0.0)
+        if sim >= opts.threshold:
             if len(stats["examples"]) < N_EXAMPLES:
                 stats["examples"].append({"removed": example(doc["text"]),
                                           "kept": example(kept[best]["text"]),
@@ -401,8 +418,10 @@ def cap_topics(docs, max_share):
     counts = {t: len(v) for t, v in by_topic.items() if t is not None}
     unlabelled = len(by_topic.get(None, []))
     cap, floor = max(counts.values(), default=0), min(counts.values(), default=0)
-    while cap > floor and cap > max_share * (unlabelled + sum(min(n, cap) for n in counts.values())):
-        cap -= 1
+    def total(c):  # the corpus size if every topic is cut to c documents
+        return unlabelled + sum(min(n, c) for n in counts.values())
+    while cap > floor and cap > max_share * total(cap):
+        cap -= 1  # a few thousand steps at most; each one is a sum over the topics
     keep_ids, removed = set(), Counter()
     for t, group in by_topic.items():
         if t is not None and len(group) > cap:
@@ -415,6 +434,13 @@ def cap_topics(docs, max_share):
 
 # ----------------------------------------------------------------------------------------------
 # 7. The whole pipeline, as a function the bench can time without disk I/O.
+
+def new_stats():
+    """The skeleton of stats.json that the steps fill in."""
+    return {"decode": {"invalid_bytes": 0}, "html": {"files": 0}, "normalize": {},
+            "split": {"pieces": 0}, "filters": {}, "exact_dedup": {},
+            "near_dedup": {"examples": []}}
+
 
 def clean(docs, a, stats):
     """Raw documents -> (train, val). Fills `stats` as it goes."""
@@ -468,7 +494,8 @@ def clean(docs, a, stats):
     stats["topic_cap"]["largest_share_after"] = round(largest / len(final), 4)
     if largest > a.max_topic_share * len(final):
         print(f"warning: --max-topic-share {a.max_topic_share} is unreachable with "
-              f"{len(stats['topics_after'])} topics; topics were evened out instead", file=sys.stderr)
+              f"{len(stats['topics_after'])} topics; topics were evened out instead",
+              file=sys.stderr)
     train = [d for d in final if d["_frac"] >= a.val_fraction]
     val = [d for d in final if d["_frac"] < a.val_fraction]
     for d in final:
@@ -595,12 +622,11 @@ def main():
         p.exit(2, "01_clean.py: error: --no-builtin needs --input PATH\n")
 
     t0 = time.time()
-    stats = {"decode": {"invalid_bytes": 0}, "html": {"files": 0}, "normalize": {},
-             "split": {"pieces": 0}, "filters": {}, "exact_dedup": {}, "near_dedup": {"examples": []}}
+    stats = new_stats()
     try:
         docs = [] if a.no_builtin else load_wikipedia() + load_pydoc()
         files = expand_inputs(a.input)
-        for path in tqdm(files, desc="read", unit="file", disable=None if len(files) > 20 else True):
+        for path in tqdm(files, desc="read", unit="file", disable=len(files) < 20 or None):
             docs += load_file(path, stats)
         stats["sources"] = dict(Counter(d["source"] for d in docs))
         train, val = clean(docs, a, stats)
