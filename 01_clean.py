@@ -24,7 +24,6 @@ import codecs
 import glob
 import gzip
 import hashlib
-import html
 import importlib.metadata
 import json
 import os

@@ -182,6 +182,20 @@ def test_builtin_corpus_is_the_pinned_one(monkeypatch):
         clean.load_wikipedia()
 
 
+def test_expand_inputs_files_folders_globs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.txt", "b.jsonl.gz", "c.csv", "sub/d.HTML", "sub/e.md"):
+        (tmp_path / name).write_text("x")
+    p = str(tmp_path)
+    assert clean.expand_inputs([p]) == [f"{p}/a.txt", f"{p}/b.jsonl.gz", f"{p}/sub/d.HTML",
+                                        f"{p}/sub/e.md"]
+    assert clean.expand_inputs([f"{p}/**/*.md", f"{p}/a.txt", f"{p}/a.txt"]) == [
+        f"{p}/sub/e.md", f"{p}/a.txt"]
+    for bad, msg in ((f"{p}/c.csv", "unsupported file type"), (f"{p}/*.zip", "no such file")):
+        with pytest.raises(clean.UserError, match=msg):
+            clean.expand_inputs([bad])
+
+
 def test_failed_write_leaves_old_output(tmp_path, monkeypatch):
     out = tmp_path / "01_clean"
     out.mkdir()
