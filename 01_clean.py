@@ -57,12 +57,19 @@ def example(text, n=160):
     return text if len(text) <= n else text[:n] + "..."
 
 
-def note(stats, key, text):
-    """Count one event under `key` and keep the first few examples of it."""
+def note(stats, key, text, after=None):
+    """Count one event under `key` and keep the first few examples of it. For a change, the
+    example is the stretch around the first difference, before and after."""
     entry = stats.setdefault(key, {"count": 0, "examples": []})
     entry["count"] += 1
     if len(entry["examples"]) < N_EXAMPLES:
-        entry["examples"].append(example(text))
+        if after is None:
+            entry["examples"].append(example(text))
+        else:
+            i = next((i for i, (x, y) in enumerate(zip(text, after)) if x != y), 0)
+            i = max(0, i - 30)
+            entry["examples"].append({"before": repr(text[i:i + 70]),
+                                      "after": repr(after[i:i + 70])})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +246,7 @@ def normalize(text, stats):
     for name, fn in steps:
         new = fn(text)
         if new != text:
-            note(stats["normalize"], name, text)
+            note(stats["normalize"], name, text, new)
         text = new
     return text
 
