@@ -645,7 +645,10 @@ def main():
     stats["settings"] = {k: v for k, v in vars(a).items() if k not in ("data", "input")}
     stats["seconds"] = round(time.time() - t0, 2)
     out = os.path.join(a.data, "01_clean")
-    write_outputs(out, train, val, stats, chars_before)
+    try:
+        write_outputs(out, train, val, stats, chars_before)
+    except OSError as e:
+        p.exit(2, f"01_clean.py: error: --data {a.data}: cannot write {out} ({e.strerror})\n")
 
     rows = [("documents in", stats["documents_in"]),
             ("pieces after splitting", stats["documents_in"] + stats["split"]["pieces"]
