@@ -316,7 +316,8 @@ def load_tokenizer(directory, fast=True):
     path = directory / "tokenizer.json"
     try:
         cfg = json.loads(path.read_text())
-        pattern, specials = cfg["pattern"], {str(k): int(v) for k, v in cfg["special_tokens"].items()}
+        pattern = cfg["pattern"]
+        specials = {str(k): int(v) for k, v in cfg["special_tokens"].items()}
         regex.compile(pattern)
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
@@ -393,7 +394,8 @@ def encode_split(enc, docs, name, out_dir, dtype):
         # plain text, so data can never forge a document boundary.
         ids = enc.encode_ordinary(d["text"])
         arrays.append(np.array(ids + [enc.eot_token], dtype=dtype))
-        index.append({"start": start, "length": len(ids), "bytes": len(d["text"].encode("utf-8", "surrogatepass")),
+        n_bytes = len(d["text"].encode("utf-8", "surrogatepass"))
+        index.append({"start": start, "length": len(ids), "bytes": n_bytes,
                       "source": d.get("source"), "topic": d.get("topic")})
         start += len(ids) + 1
     np.concatenate(arrays).tofile(out_dir / f"{name}.bin")
@@ -518,8 +520,10 @@ def run_stage(args):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="data", metavar="DIR", help="reads DIR/01_clean/, writes DIR/02_tokenize/")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data", metavar="DIR",
+                    help="reads DIR/01_clean/, writes DIR/02_tokenize/")
     ap.add_argument("--vocab-size", type=int, default=4096, metavar="N",
                     help="tokens in all: 256 bytes + merges + <|endoftext|> (default 4096)")
     ap.add_argument("--pattern", choices=sorted(PATTERNS), default="cl100k",
