@@ -12,8 +12,8 @@ Out: data/02_tokenize/tokenizer.tiktoken         the ranks in tiktoken's format 
 The ideas, in the order the code uses them:
   1. Every one of the 256 byte values is a token, so any text encodes and decodes back exactly.
   2. A regex (GPT-4's cl100k pattern, or GPT-2's) first splits text into chunks: words, numbers,
-     punctuation runs, whitespace. Merges never cross a chunk boundary, so " dog" and "dog."
-     share the token for " dog" instead of learning "g." tokens.
+     punctuation runs, whitespace. Merges never cross a chunk boundary, so the vocabulary does
+     not fill up with "dog.", "dog!" and "dog?": they all reuse " dog".
   3. Training repeats: count adjacent token pairs, merge the most frequent pair into a new token.
      The textbook trainer recounts everything for each merge; the fast one counts each distinct
      chunk once and updates only the counts a merge changes, finding the best pair with a heap.
