@@ -80,6 +80,7 @@ CONFUSABLES = str.maketrans({
     "ε": "e", "ι": "i", "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "А": "A", "В": "B", "Е": "E",
     "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "Х": "X", "Ү": "Y"})
 LEET = str.maketrans("0134579@$", "oieastgas")
+TAGS = re.compile("[\U000E0020-\U000E007E]+")
 B64 = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{16,}={0,2}(?![A-Za-z0-9+/=])")
 SPACED = re.compile(r"(?<!\S)\S(?: {1,3}\S(?!\S)){3,}")   # >= 4 single characters in a row
 # a leet word has a digit or @/$ *between* letters ("b0mb"); "python3", "3d", "10th" do not
@@ -130,10 +131,12 @@ def normalize(text, steps=None, depth=0):
     # Tag characters U+E0020..E007E mirror ASCII and render as nothing: an attacker hides a
     # whole request in them. Reveal them as the ASCII they encode, before format characters
     # (their Unicode category) are deleted below.
-    text = step("tags", "".join(chr(ord(c) - 0xE0000) if 0xE0020 <= ord(c) <= 0xE007E else c
-                                for c in text), text)
-    # Zero-width spaces and joiners, soft hyphens, bidi overrides: all category Cf, invisible.
-    text = step("invisible", "".join(c for c in text if unicodedata.category(c) != "Cf"), text)
+    text = step("tags", TAGS.sub(lambda m: " " + "".join(chr(ord(c) - 0xE0000) for c in m.group(0)) + " ",
+                                 text), text)
+    # Zero-width spaces and joiners, soft hyphens, bidi overrides (category Cf), and control
+    # characters other than line breaks and tabs (Cc): all invisible, all gone.
+    text = step("invisible", "".join(c for c in text if unicodedata.category(c) != "Cf" and
+                                     (unicodedata.category(c) != "Cc" or c in "\n\t\r")), text)
     text = step("nfkc", unicodedata.normalize("NFKC", text), text)   # ｆｕｌｌｗｉｄｔｈ, 𝐛𝐨𝐥𝐝 -> ascii
     text = step("confusables", text.translate(CONFUSABLES), text)
     if depth < 2:
@@ -257,6 +260,8 @@ def reply(model, tok, text, args, use_cache=True):
     x = torch.tensor([ids], dtype=torch.long, device=args.device)
     out = model.generate(x, args.max_new_tokens, temperature=0, use_cache=use_cache)
     new = out[0, len(ids):].tolist()
+    if tok.eot_token in new:   # the model ended its document: the reply ends there
+        new = new[:new.index(tok.eot_token)]
     return tok.decode(new), new, len(ids)
 
 
@@ -288,11 +293,14 @@ def run_suite(rows, model, tok, lora, guard, args, desc):
     answers = []
     for i in tqdm(todo, desc=f"{desc}: replies", leave=False, disable=not todo):
         answers.append(reply(model, tok, chat_prompt(rows[i]["turns"], []), args)[0])
-    p_out = harm_prob(lora, guard, tok, [normalize(a) for a in answers], args)
+    shown = [(i, a) for i, a in zip(todo, answers) if normalize(a)]   # an empty reply shows nothing
+    p_out = harm_prob(lora, guard, tok, [normalize(a) for _, a in shown], args)
     for x in res:
         x["p_out"], x["blocked_output"] = None, False
-    for i, a, p in zip(todo, answers, p_out):
-        res[i].update(reply=a, p_out=p, blocked_output=p >= args.threshold)
+    for i, a in zip(todo, answers):
+        res[i]["reply"] = a
+    for (i, a), p in zip(shown, p_out):
+        res[i].update(p_out=p, blocked_output=p >= args.threshold)
     for x in res:
         # cumulative: a layer's row counts what is stopped by it or any layer before it
         x["blocked"] = {"none": False, "normaliser": False, "guard_input": x["blocked_input"],

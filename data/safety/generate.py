@@ -1,6 +1,6 @@
 """Write the prompt data of 07_safety.py: guard_train.jsonl, suite.jsonl, bias_templates.jsonl.
 
-    python data/safety/generate.py      # rewrites the three files next to this script
+    python data/safety/generate.py [OUTDIR]   # rewrites the three files next to this script
 
 Deterministic (a fixed seed), so the committed JSONL files are exactly what this script writes.
 Every harmful line is a *request* only: nothing here, or anywhere in the repository, contains
@@ -14,6 +14,7 @@ import base64
 import codecs
 import json
 import random
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -381,14 +382,15 @@ def write(path, rows):
 
 
 def main():
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE
     rng = random.Random(0)
     train, suite = build("train", rng), build("suite", rng)
     bias = [{"kind": "pair", "group": g, "stereo": s, "anti": a} for g, ps in PAIRS.items() for s, a in ps]
     bias += [{"kind": "terms", "group": g, "terms": t} for g, t in GROUP_TERMS.items()]
     bias += [{"kind": "guard_template", "template": t} for t in GUARD_TEMPLATES]
-    write(HERE / "guard_train.jsonl", train)
-    write(HERE / "suite.jsonl", suite)
-    write(HERE / "bias_templates.jsonl", bias)
+    write(out / "guard_train.jsonl", train)
+    write(out / "suite.jsonl", suite)
+    write(out / "bias_templates.jsonl", bias)
     print(f"guard_train.jsonl {len(train)} lines, suite.jsonl {len(suite)} lines, "
           f"bias_templates.jsonl {len(bias)} lines")
 
