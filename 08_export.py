@@ -1,0 +1,613 @@
+"""
+Step 10 of the framework: production deployment. FP16 and ONNX export, each file checked
+against PyTorch.
+
+In:  a checkpoint (default data/04_train/ckpt.pt; any base or fine-tuned one via --ckpt)
+     data/02_tokenize/val.bin + meta.json when present, for parity on real text
+Out: data/08_export/model_fp16.pt       the same checkpoint in half precision (load_model reads it)
+     data/08_export/model.onnx          input_ids (batch, sequence) -> logits
+     data/08_export/model_kv.onnx       + past_key_values.N.key/value in, present.N.key/value out
+     data/08_export/model{,_kv}_fp16.onnx, model{,_kv}_int8.onnx   the two graphs, smaller
+     data/08_export/report.json, report.md, latency.png
+
+The ideas, in the order the code uses them:
+  1. Half precision halves the file: every weight is rounded to 16 bits (11 of mantissa).
+  2. ONNX is a portable graph of operators that runtimes (ONNX Runtime, TensorRT, browsers,
+     phones) execute without Python. torch.onnx.export(dynamo=True) captures the model with
+     torch.export (symbolic shapes, so batch and sequence stay dynamic) and translates each
+     aten op to ONNX with onnxscript. The TorchScript exporter is deprecated; not needed here.
+  3. A KV-cache graph takes the keys/values of earlier tokens as inputs and returns them
+     extended by the new ones, in the names and (batch, n_head, seq, head_dim) layout of
+     Hugging Face Optimum and ONNX Runtime GenAI. With an empty past it is also the prefill.
+  4. Smaller graphs: fp16 (casting weights and activations, keeping a few precision-critical
+     ops in fp32) and int8 (dynamic quantisation: int8 weights, activations quantised on the
+     fly per call), both by ONNX Runtime's own tools.
+  5. Trust nothing unchecked: logits of every graph against PyTorch on random and real tokens,
+     the KV graph fed one token at a time against the full graph, and a greedy generation run
+     entirely in ONNX Runtime that must produce exactly PyTorch's tokens.
+  6. Latency: prefill and per-token decode at batch 1, PyTorch eager vs ONNX Runtime.
+
+Deliberately left out: an attention_mask input (rows are never padded here), the GenAI
+config file, fused attention kernels (com.microsoft ops), static int8 quantisation and
+graphs over 2 GB (they would need ONNX external data).
+"""
+import argparse
+import contextlib
+import copy
+import importlib
+import io
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+model_lib = importlib.import_module("03_model")
+
+# Parity criteria. fp32 must equal PyTorch up to summation order; the lossy graphs are judged by
+# the largest logit error relative to the largest |logit| (fp16 keeps ~3 significant digits,
+# int8 ~2) and by what matters downstream: the same most likely next token.
+TOL_FP32 = 1e-4
+REL_TOL = {"fp16": 0.02, "int8": 0.15}
+MIN_TOP1 = 0.99
+
+
+def fail(msg):
+    """A user's mistake: one line on stderr naming the file or flag, exit status 2."""
+    print(f"08_export.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- 1. fp16 checkpoint
+
+def save_fp16_checkpoint(model, ckpt, path):
+    """Write {"model": fp16 state dict, "config"} and return (fp16 bytes, fp32 bytes).
+
+    model.half() rather than casting each state-dict entry: the tied embedding/head matrix
+    must stay ONE tensor, or torch.save would store it twice. The fp32 size is that of the same
+    dict serialised in fp32, so the ratio compares like with like (the input checkpoint may
+    also carry optimizer state).
+    """
+    half = copy.deepcopy(model).half()
+    out = {"model": half.state_dict(), "config": ckpt["config"], "dtype": "float16"}
+    model_lib.save_checkpoint(out, path)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "config": ckpt["config"], "dtype": "float32"}, buf)
+    return path.stat().st_size, buf.tell()
+
+
+# ----------------------------------------------------------------------------- 2-3. ONNX export
+
+def cache_names(n_layer):
+    """Input and output names of the KV graph, as Optimum and ONNX Runtime GenAI spell them."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+    return past, present
+
+
+class LogitsOnly(torch.nn.Module):
+    """The full graph: ids in, logits out (the loss and the cache stay behind)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids)[0]
+
+
+class WithCache(torch.nn.Module):
+    """The KV graph: ONNX has no lists of pairs, so the cache travels as 2 * n_layer flat tensors."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, *past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, _, present = self.model(input_ids, past_kv=pairs)
+        return (logits, *[t for kv in present for t in kv])
+
+
+def export_onnx(model, path, with_cache):
+    """torch.onnx.export with the dynamo exporter, then onnx.checker. Returns the file path."""
+    import onnx
+    cfg = model.config
+    head_dim = cfg.n_embd // cfg.n_head
+    # Symbolic sizes: the graph will accept any batch and any length up to the context window.
+    # The example sizes are all different and > 1, because torch.export specialises a size it
+    # sees as 0 or 1 and would merge two dims that happen to be equal in the example.
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("sequence", min=1, max=cfg.block_size)
+    ids = torch.randint(0, cfg.vocab_size, (2, 3))
+    if with_cache:
+        past_names, present_names = cache_names(cfg.n_layer)
+        past_len = torch.export.Dim("past_sequence", min=0, max=cfg.block_size)  # 0 = prefill
+        past = [torch.randn(2, cfg.n_head, 4, head_dim) for _ in past_names]
+        args, wrapper = (ids, *past), WithCache(model)
+        names, outputs = ["input_ids", *past_names], ["logits", *present_names]
+        dynamic = {"input_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past_len} for _ in past)}
+    else:
+        args, wrapper = (ids,), LogitsOnly(model)
+        names, outputs = ["input_ids"], ["logits"]
+        dynamic = {"input_ids": {0: batch, 1: seq}}
+    # the exporter narrates every phase and warns about optional packages; keep the bar clean
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(wrapper.eval(), args, str(path), dynamo=True, input_names=names,
+                          output_names=outputs, dynamic_shapes=dynamic, external_data=False,
+                          verbose=False)
+    # The exporter records on every node the Python stack trace that made it: handy when
+    # debugging an export, dead weight for a server (a fifth of a small model's file).
+    m = onnx.load(str(path))
+    for node in m.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(m, str(path))
+    onnx.checker.check_model(str(path), full_check=True)   # full_check: shapes and types infer
+    return path
+
+
+# ----------------------------------------------------------------------------- 4. fp16 and int8 graphs
+
+def fp32_islands(graph):
+    """Names of the nodes an fp16 graph must still run in fp32.
+
+    Two places where 16 bits are not enough: the rotary angles (position * frequency reaches
+    block_size radians; fp16 spacing there is ~0.1 rad, enough to scramble positions), i.e.
+    everything feeding Cos/Sin; and RMSNorm's mean of squares (x**2 overflows fp16's 65504
+    once |x| > 256), from each Pow to its Reciprocal. The model itself makes the same two
+    choices in PyTorch (rope_cos_sin and RMSNorm compute in fp32).
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    keep = set()
+    stack = [n for n in graph.node if n.op_type in ("Cos", "Sin")]
+    while stack:   # walk upwards from Cos/Sin to the graph inputs
+        n = stack.pop()
+        if n.name not in keep:
+            keep.add(n.name)
+            stack += [producer[i] for i in n.input if i in producer]
+    for n in graph.node:
+        if n.op_type == "Pow":   # walk down the RMSNorm statistics to the 1/sqrt
+            while n is not None and n.op_type != "Reciprocal" and len(keep) < len(graph.node):
+                keep.add(n.name)
+                nxt = consumers.get(n.output[0], [])
+                n = nxt[0] if len(nxt) == 1 else None
+            if n is not None:
+                keep.add(n.name)
+    return sorted(keep)
+
+
+def convert_fp16(src, dst):
+    """An fp16 copy of an fp32 graph with fp32 inputs/outputs, so every graph is fed alike."""
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+    m = onnx.load(str(src))
+    m16 = convert_float_to_float16(m, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST,
+                                   node_block_list=fp32_islands(m.graph))
+    om = OnnxModel(m16)
+    om.topological_sort()   # the converter appends its Cast nodes at the end; ONNX wants order
+    del om.model.graph.value_info[:]   # stale fp32 type annotations; the checker re-infers them
+    onnx.save(om.model, str(dst))
+    onnx.checker.check_model(str(dst), full_check=True)
+    return dst
+
+
+def convert_int8(src, dst):
+    """Dynamic quantisation: MatMul and Gather weights to int8 with per-channel scales.
+
+    Dynamic means no calibration data: each MatMul's input is quantised at run time from its own
+    min/max, so only the weights need scales, one per output channel. The tied embedding is
+    quantised once and shared by the Gather (embedding lookup) and the Transpose feeding the head.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger().setLevel(logging.ERROR)   # "consider pre-processing" is advice for CNNs
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    onnx.checker.check_model(str(dst), full_check=True)
+    return dst
+
+
+# ----------------------------------------------------------------------------- 5. running the graphs
+
+def ort_session(path, threads, providers):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL   # fuse, fold
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = so.inter_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=providers)
+
+
+def empty_cache(config, batch):
+    """The past of a sequence that has not started: every cache tensor with 0 positions."""
+    shape = (batch, config.n_head, 0, config.n_embd // config.n_head)
+    return [np.zeros(shape, np.float32) for _ in range(2 * config.n_layer)]
+
+
+def kv_step(sess, ids, past):
+    """One call of the KV graph: returns (logits, present) with present ready to feed back."""
+    feed = {"input_ids": ids}
+    feed.update(zip(sess.past_names, past))
+    logits, *present = sess.run(None, feed)
+    return logits, present
+
+
+def kv_logits(sess, ids, config, split):
+    """Logits of the KV graph used as a server uses it: prefill ids[:, :split], then one token a call."""
+    out, past = kv_step(sess, ids[:, :split], empty_cache(config, ids.shape[0]))
+    pieces = [out]
+    for t in range(split, ids.shape[1]):
+        out, past = kv_step(sess, ids[:, t:t + 1], past)
+        pieces.append(out)
+    return np.concatenate(pieces, axis=1)
+
+
+def ort_generate(sess, idx, max_new_tokens, config):
+    """Greedy decoding entirely in ONNX Runtime: the loop of GPT.generate(temperature=0), in numpy.
+
+    Same sliding window as PyTorch: once the context overflows block_size, keep the newest
+    block_size // 2 tokens and re-prefill them with an empty past.
+    """
+    bs, start, past = config.block_size, max(0, idx.shape[1] - config.block_size), None
+    for _ in range(max_new_tokens):
+        if idx.shape[1] - start > bs:
+            start, past = idx.shape[1] - bs // 2, None
+        if past is None:
+            logits, past = kv_step(sess, idx[:, start:], empty_cache(config, idx.shape[0]))
+        else:
+            logits, past = kv_step(sess, idx[:, -1:], past)
+        last = logits[:, -1, :].astype(np.float32)
+        if config.vocab_used:   # padding rows of the embedding are never emitted
+            last[:, config.vocab_used:] = -np.inf
+        idx = np.concatenate([idx, last.argmax(-1)[:, None].astype(idx.dtype)], axis=1)
+    return idx
+
+
+def real_windows(data_dir, config, n=4):
+    """Up to n windows of block_size tokens spread over DIR/02_tokenize/val.bin, or None."""
+    tok = Path(data_dir) / "02_tokenize"
+    if not (tok / "val.bin").is_file() or not (tok / "meta.json").is_file():
+        return None
+    try:
+        meta = json.loads((tok / "meta.json").read_text())
+        arr = np.memmap(tok / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{tok}: unreadable tokenizer output ({type(e).__name__}: {e})")
+    T = min(config.block_size, len(arr))
+    if T < 2:
+        return None
+    starts = np.linspace(0, len(arr) - T, min(n, len(arr) - T + 1)).astype(np.int64)
+    ids = np.stack([np.asarray(arr[s:s + T], dtype=np.int64) for s in starts])
+    if ids.max() >= config.vocab_size:
+        fail(f"{tok / 'val.bin'}: token id {ids.max()} is outside the model's vocabulary of "
+             f"{config.vocab_size}; was this checkpoint trained with another tokenizer?")
+    return ids
+
+
+def compare(ref, got):
+    """Largest absolute logit difference and the share of positions with the same top-1 token."""
+    got = got.astype(np.float32)
+    return float(np.abs(ref - got).max()), float((ref.argmax(-1) == got.argmax(-1)).mean())
+
+
+# ----------------------------------------------------------------------------- 6. latency
+
+def measure_latency(model, sessions, config, prompt_len, decode_tokens, repeats, device):
+    """ms for a prefill of prompt_len tokens and ms per decoded token, batch 1, each engine.
+
+    Decode is what a chat user feels: one token in, the whole cache reused. PyTorch eager pays
+    Python and dispatcher overhead on each of its ~20 small ops per layer; ONNX Runtime runs a
+    pre-planned, fused graph from C++, which is where the speed-up of a small model comes from.
+    """
+    ids = torch.randint(0, config.vocab_used or config.vocab_size, (1, prompt_len + decode_tokens))
+    ids, steps = ids[:, :prompt_len], ids[:, prompt_len:]
+    rows = {}
+    m = model.to(device)
+
+    @torch.no_grad()
+    def torch_prefill():
+        out = m(ids.to(device))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    @torch.no_grad()
+    def torch_decode():
+        _, _, kv = m(ids.to(device))
+        t0 = time.perf_counter()
+        for t in range(decode_tokens):
+            _, _, kv = m(steps[:, t:t + 1].to(device), past_kv=kv)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def ort_prefill(sess):
+        return kv_step(sess, ids.numpy(), empty_cache(config, 1))
+
+    def ort_decode(sess):
+        _, past = ort_prefill(sess)
+        s = steps.numpy()
+        t0 = time.perf_counter()
+        for t in range(decode_tokens):
+            _, past = kv_step(sess, s[:, t:t + 1], past)
+        return time.perf_counter() - t0
+
+    # engines take turns within each repeat, so a burst of load elsewhere hits them all alike
+    engines = {f"pytorch eager ({device})": (torch_prefill, torch_decode)}
+    engines.update({f"onnxruntime {name}": ((lambda s=s: ort_prefill(s)), (lambda s=s: ort_decode(s)))
+                    for name, s in sessions.items()})
+    pre = {k: [] for k in engines}
+    dec = {k: [] for k in engines}
+    for fns in engines.values():   # warm-up: first calls allocate and plan
+        fns[0](), fns[1]()
+    for _ in tqdm(range(repeats), desc="latency", leave=False):
+        for k, (prefill, decode) in engines.items():
+            t0 = time.perf_counter()
+            prefill()
+            pre[k].append(1000 * (time.perf_counter() - t0))
+            dec[k].append(1000 * decode() / decode_tokens)
+    for k in engines:
+        p, d = statistics.median(pre[k]), statistics.median(dec[k])
+        rows[k] = {"prefill_ms": p, "prefill_tok_s": prompt_len / p * 1000,
+                   "decode_ms_per_token": d, "decode_tok_s": 1000 / d}
+    model.to("cpu")
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def write_report(folder, report):
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    L = [f"# Export report\n", f"Checkpoint: `{report['checkpoint']}`  ",
+         f"Exporter: {report['exporter']}  ", f"Runtime: onnxruntime {report['onnxruntime']} "
+         f"({', '.join(report['providers'])})\n", "## Files\n", "| file | bytes | vs fp32 |", "|---|---:|---:|"]
+    for name, f in report["files"].items():
+        L.append(f"| {name} | {f['bytes']:,} | {f['ratio']:.3f} |")
+    L += ["", f"The fp16 checkpoint is {report['files']['model_fp16.pt']['ratio']:.4f} of the same checkpoint in "
+          f"fp32 ({report['fp32_checkpoint_bytes']:,} bytes); rounding the weights moves logits by at most "
+          f"{report['fp16_checkpoint_max_abs_logit_diff']:.2e}.", "", "## Parity against PyTorch fp32\n",
+          f"Tolerances: fp32 {TOL_FP32:g} absolute; fp16 {REL_TOL['fp16']:.0%} and int8 {REL_TOL['int8']:.0%} of "
+          f"the largest |logit| of the reference; every graph must also pick PyTorch's top-1 token on "
+          f"at least {MIN_TOP1:.0%} of positions. "
+          "KV graphs are run as a server runs them: prefill half the window, then one token per call.\n",
+          "| graph | inputs | max abs logit diff | tolerance | same top-1 | pass |", "|---|---|---:|---:|---:|---|"]
+    for r in report["parity"]:
+        L.append(f"| {r['graph']} | {r['inputs']} | {r['max_abs_diff']:.2e} | {r['tolerance']:.1e} | "
+                 f"{r['top1_agree']:.2%} | {'yes' if r['pass'] else '**NO**'} |")
+    g = report["generate"]
+    L += ["", f"Greedy generation of {g['new_tokens']} tokens for {g['batch']} prompts entirely in ONNX "
+          "Runtime with the KV graph: " + ", ".join(f"{k} {v:.2%} of PyTorch's tokens" for k, v in g["agreement"].items()),
+          "", "## Latency, batch 1 (median; noisy on a shared machine)\n",
+          f"Prefill of {report['latency_setup']['prompt_len']} tokens; decode = mean per token over "
+          f"{report['latency_setup']['decode_tokens']} tokens with the KV cache.\n",
+          "| engine | prefill ms | prefill tok/s | decode ms/token | decode tok/s | decode speed-up |",
+          "|---|---:|---:|---:|---:|---:|"]
+    for k, r in report["latency"].items():
+        L.append(f"| {k} | {r['prefill_ms']:.2f} | {r['prefill_tok_s']:,.0f} | {r['decode_ms_per_token']:.3f} | "
+                 f"{r['decode_tok_s']:,.0f} | {r['decode_speedup']:.2f}x |")
+    L += ["", "## Checks\n"] + [f"- {'pass' if ok else '**FAIL**'}: {name}" for name, ok in report["checks"].items()]
+    (folder / "report.md").write_text("\n".join(L) + "\n")
+
+
+def plot_latency(folder, latency):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(latency)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key, title in zip(axes, ("prefill_ms", "decode_ms_per_token"), ("prefill (ms)", "decode (ms per token)")):
+        ax.barh(names, [latency[n][key] for n in names], color=["tab:gray"] + ["tab:blue"] * (len(names) - 1))
+        ax.set_title(title)
+        ax.invert_yaxis()
+    axes[1].set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(folder / "latency.png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Export a checkpoint to fp16 and ONNX (full and KV-cache "
+                                             "graphs, fp32/fp16/int8) and check each against PyTorch.")
+    ap.add_argument("--data", default="data", help="data folder: reads 04_train/ (and 02_tokenize/), writes 08_export/")
+    ap.add_argument("--ckpt", default=None, help="checkpoint to export (default DATA/04_train/ckpt.pt)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                    help="device of the PyTorch side of the latency table (ONNX Runtime uses its CUDA "
+                         "provider if installed, else the CPU)")
+    ap.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime alike (0: their defaults)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="prefill length for latency (default block_size / 2)")
+    ap.add_argument("--decode-tokens", type=int, default=None,
+                    help="tokens decoded per latency measurement (default 32, fewer if the window is short)")
+    ap.add_argument("--repeats", type=int, default=5, help="latency repeats (the median is reported)")
+    ap.add_argument("--gen-tokens", type=int, default=None,
+                    help="tokens generated in the ORT-vs-PyTorch check (default block_size: the window slides)")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for flag in ("prompt_len", "decode_tokens", "repeats", "gen_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.threads < 0:
+        fail("--threads must be >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt_path = Path(args.ckpt) if args.ckpt else Path(args.data) / "04_train" / "ckpt.pt"
+    try:
+        model, ckpt = model_lib.load_model(ckpt_path)   # fp32 on the CPU: the reference
+    except ValueError as e:
+        fail(str(e) + ("" if args.ckpt or ckpt_path.exists() else "; run 04_train.py first or pass --ckpt"))
+    cfg = model.config
+    prompt_len = args.prompt_len or max(1, cfg.block_size // 2)
+    if args.decode_tokens is None:
+        args.decode_tokens = max(1, min(32, cfg.block_size - prompt_len))
+    if prompt_len + args.decode_tokens > cfg.block_size:
+        fail(f"--prompt-len {prompt_len} + --decode-tokens {args.decode_tokens} must fit the "
+             f"model's block_size {cfg.block_size}")
+    gen_tokens = args.gen_tokens or cfg.block_size
+    import onnxruntime as ort
+    providers = (["CUDAExecutionProvider"] if args.device == "cuda" and "CUDAExecutionProvider"
+                 in ort.get_available_providers() else []) + ["CPUExecutionProvider"]
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    real = real_windows(args.data, cfg)
+
+    out = Path(args.data) / "08_export"
+    work = out.with_name(f".08_export.tmp{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        report = build(args, model, ckpt, ckpt_path, work, real, rng, prompt_len, gen_tokens, providers)
+        old = out.with_name(f".08_export.old{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    # the summary table
+    print(f"\n{'file':<22}{'MiB':>9}{'vs fp32':>9}")
+    for name, f in report["files"].items():
+        print(f"{name:<22}{f['bytes'] / 2**20:>9.2f}{f['ratio']:>9.3f}")
+    print(f"\n{'engine':<28}{'prefill ms':>11}{'decode ms/tok':>15}{'speed-up':>10}")
+    for k, r in report["latency"].items():
+        print(f"{k:<28}{r['prefill_ms']:>11.2f}{r['decode_ms_per_token']:>15.3f}{r['decode_speedup']:>9.2f}x")
+    print()
+    for name, ok in report["checks"].items():
+        print(f"{'pass' if ok else 'FAIL'}  {name}")
+    print(f"wrote {out}/ (model_fp16.pt, 6 .onnx files, report.json, report.md, latency.png)")
+    if not report["passed"]:
+        print("08_export.py: some parity checks failed; see report.md", file=sys.stderr)
+        sys.exit(1)
+
+
+def build(args, model, ckpt, ckpt_path, work, real, rng, prompt_len, gen_tokens, providers):
+    """Everything that writes into the temporary folder; returns the report dict."""
+    import onnxruntime as ort
+    cfg = model.config
+    bar = tqdm(total=7, desc="export", dynamic_ncols=True, postfix="fp16 checkpoint")
+
+    def stage(next_step):
+        bar.update(1)
+        bar.set_postfix_str(next_step)
+
+    # 1. fp16 checkpoint, and what rounding the weights costs in logits
+    fp16_bytes, fp32_bytes = save_fp16_checkpoint(model, ckpt, work / "model_fp16.pt")
+    stage("full graph")
+    # 2-4. the graphs: two exports, then four conversions of them
+    export_onnx(model, work / "model.onnx", with_cache=False)
+    stage("KV graph")
+    export_onnx(model, work / "model_kv.onnx", with_cache=True)
+    stage("fp16 + int8 graphs")
+    for g in ("model", "model_kv"):
+        convert_fp16(work / f"{g}.onnx", work / f"{g}_fp16.onnx")
+        convert_int8(work / f"{g}.onnx", work / f"{g}_int8.onnx")
+    stage("parity")
+    graphs = {g: ort_session(work / f"{g}.onnx", args.threads, providers) for g in
+              ("model", "model_fp16", "model_int8", "model_kv", "model_kv_fp16", "model_kv_int8")}
+    past_names, _ = cache_names(cfg.n_layer)
+    for name, s in graphs.items():
+        s.past_names = past_names
+
+    # 5. parity: PyTorch fp32 on the CPU is the reference for every graph
+    inputs = {"random": rng.integers(0, cfg.vocab_used or cfg.vocab_size, (2, cfg.block_size))}
+    if real is not None:
+        inputs["real"] = real
+    parity, checks, kv_vs_full = [], {}, {}
+    fp16_model, _ = model_lib.load_model(work / "model_fp16.pt")
+    fp16_ckpt_diff = 0.0
+    with torch.no_grad():
+        for kind, ids in inputs.items():
+            ref = model(torch.from_numpy(ids))[0].numpy()
+            fp16_ckpt_diff = max(fp16_ckpt_diff, float(np.abs(fp16_model(torch.from_numpy(ids))[0].numpy() - ref).max()))
+            split = ids.shape[1] // 2
+            full32 = None
+            for name, s in graphs.items():
+                prec = {"": "fp32", "_fp16": "fp16", "_int8": "int8"}[name.removeprefix("model").removeprefix("_kv")]
+                if "kv" in name:   # as a server runs it: prefill half, then one token per call
+                    got = kv_logits(s, ids, cfg, split)
+                else:
+                    got = s.run(None, {"input_ids": ids})[0]
+                    full32 = got if prec == "fp32" else full32
+                diff, agree = compare(ref, got)
+                t = TOL_FP32 if prec == "fp32" else REL_TOL[prec] * float(np.abs(ref).max())
+                ok = diff <= t and agree >= MIN_TOP1
+                parity.append({"graph": f"{name}.onnx", "inputs": kind, "max_abs_diff": diff, "tolerance": t,
+                               "top1_agree": agree, "pass": ok})
+                checks[f"{name}.onnx matches PyTorch on {kind} tokens"] = ok
+                if name == "model_kv":   # the cached graph, token by token, equals the full graph
+                    kv_vs_full[kind] = float(np.abs(got - full32).max())
+                    checks[f"model_kv.onnx token by token equals model.onnx on {kind} tokens"] = kv_vs_full[kind] <= TOL_FP32
+    stage("generate")
+
+    # greedy generation in ONNX Runtime, against GPT.generate in PyTorch, on the same prompts
+    src = real if real is not None else inputs["random"]
+    prompt = src[:2, :min(8, src.shape[1])]
+    with torch.no_grad():
+        want = model.generate(torch.from_numpy(prompt), gen_tokens, temperature=0).numpy()
+    agreement = {}
+    for name in ("model_kv", "model_kv_fp16", "model_kv_int8"):
+        got = ort_generate(graphs[name], prompt, gen_tokens, cfg)
+        agreement[f"{name}.onnx"] = float((got[:, prompt.shape[1]:] == want[:, prompt.shape[1]:]).mean())
+        if name == "model_kv":
+            checks["greedy generate in ONNX Runtime equals PyTorch generate"] = bool(np.array_equal(got, want))
+    stage("latency")
+
+    # 6. latency: the KV graphs serve both prefill (empty past) and decode
+    sessions = {p: graphs[g] for p, g in (("fp32", "model_kv"), ("fp16", "model_kv_fp16"), ("int8", "model_kv_int8"))}
+    latency = measure_latency(model, sessions, cfg, prompt_len, args.decode_tokens, args.repeats, args.device)
+    base = next(iter(latency.values()))["decode_ms_per_token"]
+    for r in latency.values():
+        r["decode_speedup"] = base / r["decode_ms_per_token"]
+    stage("report")
+    bar.close()
+
+    sizes = {"model_fp16.pt": (fp16_bytes, fp32_bytes)}
+    for g in ("model", "model_kv"):
+        for suffix in ("", "_fp16", "_int8"):
+            sizes[f"{g}{suffix}.onnx"] = ((work / f"{g}{suffix}.onnx").stat().st_size, (work / f"{g}.onnx").stat().st_size)
+    report = {
+        "checkpoint": str(ckpt_path), "config": ckpt["config"],
+        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        "onnxruntime": ort.__version__, "providers": providers[:1],
+        "files": {k: {"bytes": b, "ratio": b / ref} for k, (b, ref) in sizes.items()},
+        "fp32_checkpoint_bytes": fp32_bytes,
+        "fp16_checkpoint_max_abs_logit_diff": fp16_ckpt_diff,
+        "parity": parity, "kv_vs_full_max_abs_diff": kv_vs_full,
+        "generate": {"batch": int(prompt.shape[0]), "prompt_len": int(prompt.shape[1]), "new_tokens": gen_tokens,
+                     "agreement": agreement},
+        "latency_setup": {"prompt_len": prompt_len, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
+                          "threads": args.threads or torch.get_num_threads(), "batch": 1},
+        "latency": latency, "checks": checks, "passed": all(checks.values()),
+    }
+    write_report(work, report)
+    plot_latency(work, latency)
+    return report
+
+
+if __name__ == "__main__":
+    main()

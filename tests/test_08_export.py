@@ -1,0 +1,166 @@
+"""Tests for 08_export.py: every exported file against PyTorch, the reference it came from.
+
+The script runs once (module fixture) on a small model saved with 03_model.save_checkpoint; the
+tests then open its files themselves with ONNX Runtime and compare with PyTorch on inputs the
+script never saw (other batch sizes and lengths), so they do not just re-read its report.
+"""
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import load, run
+
+m = load("03_model")
+ex = load("08_export")
+
+GRAPHS = ["model", "model_fp16", "model_int8", "model_kv", "model_kv_fp16", "model_kv_int8"]
+# 128 wide rather than the tiny preset's 64: at a few hundred KB the zip container's fixed
+# ~7 KB would alone move the fp16/fp32 size ratio by 1%; real checkpoints are megabytes.
+CFG = dataclasses.replace(m.PRESETS["tiny"], n_embd=128, n_head=4, vocab_used=500)
+
+
+def session(path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = m.GPT(CFG).eval()
+    ckpt = tmp / "ckpt.pt"
+    m.save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(CFG)}, ckpt)
+    # "real" tokens: bytes of English prose (ids < 256), laid out as 02_tokenize writes val.bin
+    import pydoc_data.topics
+    text = " ".join(list(pydoc_data.topics.topics.values())[:5]).encode()[:4000]
+    (tmp / "02_tokenize").mkdir()
+    np.frombuffer(text, dtype=np.uint8).astype(np.uint16).tofile(tmp / "02_tokenize" / "val.bin")
+    (tmp / "02_tokenize" / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 257}))
+    # 40 generated tokens from an 8-token prompt overflow the 32-token window: the slide is tested
+    r = run("08_export", "--data", tmp, "--ckpt", ckpt, "--threads", "1", "--repeats", "1",
+            "--decode-tokens", "4", "--gen-tokens", "40")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp / "08_export", model, ckpt, r
+
+
+def test_outputs_and_report(exported):
+    out, _, _, r = exported
+    for name in GRAPHS:
+        onnx.checker.check_model(str(out / f"{name}.onnx"), full_check=True)
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and all(report["checks"].values())
+    assert {p["inputs"] for p in report["parity"]} == {"random", "real"}
+    assert len(report["parity"]) == 12 and all(p["pass"] for p in report["parity"])
+    assert set(report["latency"]) == {"pytorch eager (cpu)", "onnxruntime fp32", "onnxruntime fp16", "onnxruntime int8"}
+    assert (out / "report.md").read_text().startswith("# Export report")
+    assert (out / "latency.png").stat().st_size > 0
+    assert "onnxruntime fp32" in r.stdout and "pass" in r.stdout
+    assert not list(out.parent.glob(".08_export*"))   # no temporary folder left behind
+
+
+def test_graph_interfaces(exported):
+    out = exported[0]
+    H, D = CFG.n_head, CFG.n_embd // CFG.n_head
+
+    def dims(vi):
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    g = onnx.load(str(out / "model.onnx")).graph
+    assert [i.name for i in g.input] == ["input_ids"] and [o.name for o in g.output] == ["logits"]
+    assert isinstance(dims(g.input[0])[0], str) and isinstance(dims(g.input[0])[1], str)  # dynamic
+    g = onnx.load(str(out / "model_kv.onnx")).graph
+    past = [f"past_key_values.{i}.{kv}" for i in range(CFG.n_layer) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(CFG.n_layer) for kv in ("key", "value")]
+    assert [i.name for i in g.input] == ["input_ids", *past]
+    assert [o.name for o in g.output] == ["logits", *present]
+    b, _, p, _ = dims(g.input[1])
+    assert isinstance(b, str) and isinstance(p, str) and dims(g.input[1])[1::2] == [H, D]
+
+
+@pytest.mark.parametrize("name", GRAPHS)
+def test_parity_with_pytorch(exported, name):
+    out, model, _, _ = exported
+    sess = session(out / f"{name}.onnx")
+    rng = np.random.default_rng(7)
+    text = np.fromfile(out.parent / "02_tokenize" / "val.bin", dtype=np.uint16).astype(np.int64)
+    # batch 3 and length 19: neither is a size the exporter traced with
+    for ids in (rng.integers(0, CFG.vocab_used, (3, 19)), np.stack([text[:19], text[500:519], text[-19:]])):
+        ref = model(torch.from_numpy(ids))[0].detach().numpy()
+        if "kv" in name:
+            got = sess.run(None, {"input_ids": ids, **{i.name: np.zeros((3, CFG.n_head, 0, CFG.n_embd // CFG.n_head), np.float32)
+                                                      for i in sess.get_inputs()[1:]}})[0]
+        else:
+            got = sess.run(None, {"input_ids": ids})[0]
+        assert got.shape == ref.shape and got.dtype == np.float32
+        diff = np.abs(got - ref).max()
+        agree = (got.argmax(-1) == ref.argmax(-1)).mean()
+        if name.endswith(("fp16", "int8")):
+            # stated tolerances; and a lossy graph must still be lossy, not a copy of fp32
+            assert 0 < diff <= ex.REL_TOL[name[-4:]] * np.abs(ref).max() and agree >= 0.99
+        else:
+            assert diff <= 1e-4
+
+
+def test_kv_graph_equals_full_graph(exported):
+    out, model, _, _ = exported
+    full, kv = session(out / "model.onnx"), session(out / "model_kv.onnx")
+    ids = np.random.default_rng(8).integers(0, CFG.vocab_used, (2, 25))
+    want = full.run(None, {"input_ids": ids})[0]
+    names = [i.name for i in kv.get_inputs()[1:]]
+    H, D = CFG.n_head, CFG.n_embd // CFG.n_head
+    past = [np.zeros((2, H, 0, D), np.float32) for _ in names]
+    pieces = []
+    for a, b in [(0, 9), (9, 13)] + [(t, t + 1) for t in range(13, 25)]:   # prefill, a chunk, then tokens
+        logits, *past = kv.run(None, {"input_ids": ids[:, a:b], **dict(zip(names, past))})
+        pieces.append(logits)
+        assert all(p.shape == (2, H, b, D) for p in past)
+    np.testing.assert_allclose(np.concatenate(pieces, 1), want, atol=1e-4, rtol=0)
+    # the cache itself is PyTorch's cache, in the same layout
+    _, _, ref_kv = model(torch.from_numpy(ids))
+    for i, (k, v) in enumerate(ref_kv):
+        np.testing.assert_allclose(past[2 * i], k.detach().numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(past[2 * i + 1], v.detach().numpy(), atol=1e-4, rtol=0)
+
+
+def test_ort_generate_equals_pytorch(exported):
+    out, model, _, _ = exported
+    sess = session(out / "model_kv.onnx")
+    sess.past_names = [i.name for i in sess.get_inputs()[1:]]
+    prompt = np.random.default_rng(9).integers(0, CFG.vocab_used, (3, 5))
+    # 60 new tokens in a 32-token window: the window slides and re-prefills twice
+    got = ex.ort_generate(sess, prompt, 60, model.config)
+    want = model.generate(torch.from_numpy(prompt), 60, temperature=0).numpy()
+    assert got.shape == (3, 65) and np.array_equal(got, want)
+
+
+def test_fp16_checkpoint(exported):
+    out, model, ckpt, _ = exported
+    half, saved = m.load_model(out / "model_fp16.pt", dtype=None)
+    assert saved["config"] == dataclasses.asdict(CFG)
+    ref = copy.deepcopy(model).half().state_dict()
+    for k, v in half.state_dict().items():
+        assert v.dtype == torch.float16 and torch.equal(v, ref[k])
+    ratio = (out / "model_fp16.pt").stat().st_size / ckpt.stat().st_size
+    assert abs(ratio - 0.5) <= 0.005, ratio
+
+
+def test_bad_checkpoint(tmp_path):
+    r = run("08_export", "--data", tmp_path)   # default path, no 04_train/ckpt.pt
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "04_train/ckpt.pt" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint" * 10)
+    r = run("08_export", "--data", tmp_path, "--ckpt", bad)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "bad.pt" in r.stderr
+    torch.save({"model": {"wte.weight": torch.zeros(3)}, "config": dataclasses.asdict(CFG)}, bad)
+    r = run("08_export", "--data", tmp_path, "--ckpt", bad)
+    assert r.returncode == 2 and "shape" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "08_export").exists()
