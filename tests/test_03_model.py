@@ -16,9 +16,17 @@ def tiny(**kw):
     return dataclasses.replace(m.PRESETS["tiny"], **kw)
 
 
-def make(seed=0, **kw):
+def make(seed=0, sharp=False, **kw):
     torch.manual_seed(seed)
-    return m.GPT(tiny(**kw)).eval()
+    model = m.GPT(tiny(**kw)).eval()
+    if sharp:
+        # At init (std 0.02) a tiny model's next token hardly depends on its context, so a
+        # wrong window could go unnoticed; larger weights make every earlier token matter.
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.mul_(8)
+    return model
 
 
 def test_causality():
@@ -59,19 +67,27 @@ def test_past_kv_matches_full_forward():
                                       dict(temperature=0.8, top_k=20), dict(temperature=1.2, top_p=0.9)])
 def test_cached_generation_equals_recompute(sampling):
     # 80 new tokens from a 10-token prompt in a 32-token window: the window slides twice or more
-    model = make()
+    model = make(sharp=True)
     prompt = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(3))
-    outs = [model.generate(prompt, 80, use_cache=c, generator=torch.Generator().manual_seed(4), **sampling)
-            for c in (True, False)]
-    assert outs[0].shape == (2, 90)
-    assert torch.equal(outs[0][:, :10], prompt)
-    assert torch.equal(outs[0], outs[1])
+    lengths = {True: [], False: []}   # tokens fed to each forward call
+    outs = {}
+    for c in (True, False):
+        hook = model.register_forward_pre_hook(lambda mod, args: lengths[c].append(args[0].size(1)))
+        outs[c] = model.generate(prompt, 80, use_cache=c, generator=torch.Generator().manual_seed(4), **sampling)
+        hook.remove()
+    assert outs[True].shape == (2, 90)
+    assert torch.equal(outs[True][:, :10], prompt)
+    assert torch.equal(outs[True], outs[False])
+    # with the cache every step feeds one token except the prefills: the prompt, then the
+    # newest 16 tokens each time the 32-token window overflows (after 22, then every 17 steps)
+    assert lengths[True] == [10] + [1] * 22 + ([16] + [1] * 16) * 3 + [16] + [1] * 5
+    assert sum(lengths[False]) > 1500   # recompute: the whole window, every step
 
 
 def test_generation_window_semantics():
     # Reference for the stated sliding rule, written independently of generate(): the window
     # is the newest block_size tokens until it overflows, then jumps to the newest half.
-    model = make()
+    model = make(sharp=True)
     bs = model.config.block_size
     prompt = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(5))  # > block
     seq, start = prompt, prompt.size(1) - bs
