@@ -267,6 +267,11 @@ class GPT(nn.Module):
         use_cache=False recomputes the same window from scratch at every step, so both paths
         give the same tokens (greedy, or sampled with the same generator).
         """
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"generate needs a (batch, T>=1) prompt, got shape {tuple(idx.shape)}")
+        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+            raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), "
+                             f"top_k={top_k} (>= 1), top_p={top_p} (in (0, 1])")
         was_training = self.training
         self.eval()   # dropout would make cached and recomputed paths differ
         bs = self.config.block_size
