@@ -111,6 +111,11 @@ def test_sampling_filters_and_padding_mask():
     greedy = model.generate(prompt, 20, temperature=0)
     assert torch.equal(model.generate(prompt, 20, top_k=1, generator=g), greedy)
     assert torch.equal(model.generate(prompt, 20, top_p=1e-6, generator=g), greedy)
+    for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0)):
+        with pytest.raises(ValueError):
+            model.generate(prompt, 1, **bad)
+    with pytest.raises(ValueError):
+        model.generate(prompt[:, :0], 1)
 
 
 def test_overfits_one_batch():
