@@ -288,5 +288,5 @@ def test_malformed_prompts_file_exits_2(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     tiny_setup(tmp_path)
     (tmp_path / "04_train" / "ckpt.pt").unlink()
-    r = run("07_safety", "--data", tmp_path)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "ckpt.pt: no such file" in r.stderr
+    with pytest.raises(safety.UserError, match="ckpt.pt: no such file"):
+        safety.run(safety.parse_args(["--data", str(tmp_path)]))
