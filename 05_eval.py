@@ -98,11 +98,15 @@ def load_data(data_dir):
         raise UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     if not docs or any(b["start"] <= a["start"] for a, b in zip(docs, docs[1:])):
         raise UserError(f"{path}: no documents, or starts not increasing")
+    if docs[-1]["start"] + docs[-1]["length"] >= len(splits["val"]):
+        raise UserError(f"{path}: documents run past the end of val.bin (files from different runs?)")
     return meta, enc, splits["val"], docs, splits["train"]
 
 
 def load_checkpoint(path, V, device):
     """03_model.load_model, plus the check that the model speaks this tokenizer's language."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such checkpoint (run 04_train.py first, or pass --ckpt)")
     try:
         # fp16 checkpoints (08_export) run in fp16 on a GPU; a CPU computes them in fp32
         model, ckpt = model_lib.load_model(path, device, dtype=None if device.type == "cuda" else torch.float32)
@@ -171,13 +175,14 @@ def score_tokens(model, tokens, plan, T, V, batch, device, desc):
         buf = torch.from_numpy(np.stack([tokens[s:s + T + 1].astype(np.int64) for s, _ in chunk])).to(device)
         lp = log_probs(model, buf[:, :-1], V)
         y = buf[:, 1:]
-        tok_lp = lp.gather(-1, y[..., None])[..., 0]
         top_lp, top = lp.max(-1)
+        # one copy to the CPU per batch (not per window): each copy waits for the GPU
+        tok_lp, top_lp, right = (t.cpu().numpy() for t in (lp.gather(-1, y[..., None])[..., 0], top_lp, top == y))
         for j, (s, off) in enumerate(chunk):
             pos.append(np.arange(s + 1 + off, s + 1 + T))
-            nll.append(-tok_lp[j, off:].double().cpu().numpy())
-            conf.append(top_lp[j, off:].exp().cpu().numpy())
-            hit.append((top[j, off:] == y[j, off:]).cpu().numpy())
+            nll.append(-tok_lp[j, off:].astype(np.float64))
+            conf.append(np.exp(top_lp[j, off:]))
+            hit.append(right[j, off:])
     return np.concatenate(pos), np.concatenate(nll), np.concatenate(conf), np.concatenate(hit)
 
 
@@ -265,19 +270,21 @@ def build_mc(val, docs, word_start, T, n_items, K, seed):
 @torch.no_grad()
 def score_mc(model, items, V, batch, device):
     """Mean log-likelihood per token of each choice given the context; returns predictions."""
-    seqs = [(n, c, np.concatenate([it["context"], c])) for n, it in enumerate(items) for c in it["choices"]]
+    seqs = [(c, np.concatenate([it["context"], c])) for it in items for c in it["choices"]]
+    # batch sequences of similar length together: less padding, less wasted compute
+    order = sorted(range(len(seqs)), key=lambda n: len(seqs[n][1]))
     scores = np.zeros(len(seqs))
     for i in tqdm(range(0, len(seqs), batch), desc="multiple choice", unit="batch", leave=False):
-        chunk = seqs[i:i + batch]
-        L = max(len(s) for _, _, s in chunk)
-        # right-padding is harmless: causal attention never lets a real token see the padding
-        x = torch.zeros(len(chunk), L, dtype=torch.long)
-        for j, (_, _, s) in enumerate(chunk):
-            x[j, :len(s)] = torch.from_numpy(s)
+        chunk = order[i:i + batch]
+        x = torch.zeros(len(chunk), max(len(seqs[n][1]) for n in chunk), dtype=torch.long)
+        for j, n in enumerate(chunk):
+            # right-padding is harmless: causal attention never lets a real token see it
+            x[j, :len(seqs[n][1])] = torch.from_numpy(seqs[n][1])
         lp = log_probs(model, x[:, :-1].to(device), V).cpu()
-        for j, (_, c, s) in enumerate(chunk):
+        for j, n in enumerate(chunk):
+            c, s = seqs[n]
             start = len(s) - len(c)  # the choice's tokens are targets start..len-1
-            scores[i + j] = lp[j, start - 1:len(s) - 1].gather(-1, x[j, start:len(s), None]).mean().item()
+            scores[n] = lp[j, start - 1:len(s) - 1].gather(-1, x[j, start:len(s), None]).mean().item()
     K = len(items[0]["choices"])
     return scores.reshape(len(items), K).argmax(1)
 
