@@ -308,7 +308,8 @@ RUN_FLAGS = ("batch_size", "lr", "min_lr", "warmup_steps", "warmup_lr", "decay_s
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train the GPT of 03_model.py on the tokens of 02_tokenize.py "
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Train the GPT of 03_model.py on the tokens of 02_tokenize.py "
                                 "(one process, or DDP under torchrun).")
     a = p.add_argument
     a("--data", default="data", help="data folder: reads 02_tokenize/ and 03_model/, writes 04_train/")
@@ -322,7 +323,7 @@ def parse_args(argv=None):
     a("--epochs", type=float, default=None, help="passes over the training windows (default 1)")
     a("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     # batch
-    a("--batch-size", type=int, default=32, help="sequences per optimizer step, all ranks together")
+    a("--batch-size", type=int, default=16, help="sequences per optimizer step, all ranks together")
     a("--micro-batch", type=int, default=None,
       help="sequences per forward pass per rank (default: batch-size / world size, no accumulation)")
     # optimiser and schedule
@@ -533,12 +534,11 @@ def main(argv=None):
               f"x {accum} accumulation = {B} sequences x {T} tokens per step | {args.max_steps} steps "
               f"({args.max_steps * B / sampler.n_chunks:.2f} epochs) | {dtype} on {device}")
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
-    t_last, tokens_last, step_last = time.perf_counter(), 0, step
+    step_times = []  # seconds per optimizer step, evaluation excluded
     loss_val = float("nan")
     while True:
         # --- evaluate every eval_interval steps and at the end; keep the best model
         if step % args.eval_interval == 0 or step == args.max_steps:
-            t_eval = time.perf_counter()
             val = evaluate(raw_model, val_tokens, T, micro, device, autocast, rank, world, args.eval_windows)
             log({"kind": "eval", "step": step, "val_loss": val})
             if val < best_val:
@@ -546,11 +546,11 @@ def main(argv=None):
                 if master:
                     model_lib.save_checkpoint({"model": raw_model.state_dict(), "config": dataclasses.asdict(config),
                                                "step": step, "val_loss": val, "args": run_args}, work / "ckpt.pt")
-            t_last += time.perf_counter() - t_eval  # keep eval time out of tokens/s
         if step >= args.max_steps:
             break
 
         # --- one optimizer step: accum micro-batches per rank, world ranks, B sequences total
+        t0 = time.perf_counter()
         lr = lr_at(step, **schedule)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -587,13 +587,14 @@ def main(argv=None):
         step += 1
 
         # --- monitoring
-        dt = time.perf_counter() - t_last
-        tok_s = (step - step_last) * B * T / max(dt, 1e-9)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
+        # tokens/s over the last 10 steps; MFU = achieved FLOP/s over the measured matmul FLOP/s
+        tok_s = len(step_times[-10:]) * B * T / sum(step_times[-10:])
         mfu = tok_s * fpt / peak_total
         log({"kind": "train", "step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm,
              "tokens": step * B * T, "tok_per_s": tok_s, "mfu": mfu})
-        if step % 10 == 0:
-            t_last, step_last = time.perf_counter(), step
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}")
         if step % (args.save_interval or args.eval_interval) == 0:
@@ -618,7 +619,7 @@ def main(argv=None):
     summary = {"steps": step, "epochs": step * B / sampler.n_chunks, "tokens": step * B * T,
                "params": model_lib.num_params(raw_model), "world_size": world, "dtype": dtype,
                "device": str(device), "final_train_loss": loss_val, "best_val_loss_estimate": best_val,
-               "val_loss": val_full, "val_bpb": bpb,
+               "val_loss": val_full, "val_bpb": bpb, "train_time_s": sum(step_times),
                "tok_per_s": float(np.median([m["tok_per_s"] for m in done[-50:]])) if done else None,
                "mfu": float(np.median([m["mfu"] for m in done[-50:]])) if done else None,
                "peak_flops": peak_total, "flops_per_token": fpt}
