@@ -314,7 +314,8 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--data", default="data", help="data folder: reads 02_tokenize/ and 03_model/, writes 04_train/")
     a("--preset", default=None, help="use this 03_model preset instead of data/03_model/config.json")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+      help="cuda when available")
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="autocast dtype; auto = bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU")
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
