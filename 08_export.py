@@ -551,7 +551,7 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=5, help="latency repeats (the median is reported)")
     ap.add_argument("--gen-tokens", type=int, default=None,
                     help="tokens generated in the ORT-vs-PyTorch check (default block_size: the window slides)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random test inputs")
     return ap.parse_args(argv)
 
 
