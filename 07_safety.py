@@ -542,7 +542,7 @@ def markdown(rep):
     L += ["", "## Long dialogue", "", f"- {d['turns']} turns, up to {d['max_dialogue_tokens']} tokens of dialogue "
           f"against a {d['block_size']}-token window; {d['policy']}",
           f"- cached and uncached greedy replies identical on {d['cached_equals_uncached']} turns",
-          f"- harmful request split over the turns from {d['harmful_from_turn']}: "
+          f"- harmful request split over turns {d['harmful_from_turn']}-{d['turns']}: "
           f"{'caught at turn ' + str(d['caught_at_turn']) if d['split_request_caught'] else 'NOT caught'}; "
           f"benign turns flagged: {d['benign_turns_flagged']}", ""]
     return "\n".join(L) + "\n"
@@ -612,7 +612,15 @@ def run(args):
     ckpt = Path(args.ckpt) if args.ckpt else data / "04_train" / "ckpt.pt"
     suite = read_prompts(args.prompts, "--prompts")
     train_rows = read_prompts(args.guard_train, "--guard-train")
-    bias_rows = [r for _, r in read_jsonl(args.bias, "--bias")]
+    bias_lines = read_jsonl(args.bias, "--bias")
+    bias_rows = [r for _, r in bias_lines]
+    for n, r in bias_lines:   # each kind of line needs its own fields
+        need = {"pair": ("group", "stereo", "anti"), "terms": ("group", "terms"),
+                "guard_template": ("template",)}.get(r.get("kind"))
+        if need is None or any(k not in r for k in need) or \
+                (r["kind"] == "guard_template" and r["template"].count("{}") != 1):
+            raise UserError(f"--bias {args.bias}:{n}: expected kind pair (group, stereo, anti), terms "
+                            "(group, terms) or guard_template (template with one {})")
     try:
         tok = tok_lib.load_tokenizer(data / "02_tokenize")
         model, _ = model_lib.load_model(ckpt, device=args.device)
