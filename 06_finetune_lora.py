@@ -177,7 +177,8 @@ class Classifier(nn.Module):
     the last token's (pool="last"). Mean is the default: in a causal model only the last token
     has read the whole text, but its state is trained to predict the *next token*, which for a
     small model is mostly about local syntax; the average collects topic evidence from every
-    position, and measured better here (see the README). Right padding keeps it exact: causal
+    position (frozen model + head on a small pretrained GPT: 45% accuracy with mean, 29% with
+    last). Right padding keeps it exact: causal
     attention never lets a real token see the pads that follow it.
     """
 
@@ -431,7 +432,7 @@ def plot(results, classes, out):
         ax.set_yticks(range(len(classes)), short if ax is axes[0][0] else [], fontsize=7)
         ax.set_xlabel("predicted")
     axes[0][0].set_ylabel("true topic (rows sum to 1)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(out / "confusion.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -457,10 +458,10 @@ def main(argv=None):
     a("--steps", type=int, default=150, help="optimizer steps per method (the shared budget)")
     a("--batch-size", type=int, default=16)
     a("--max-len", type=int, default=64, help="tokens read from each article")
-    a("--lr-head", type=float, default=3e-3, help="learning rate of the new head (every method)")
-    a("--lr-lora", type=float, default=3e-3)
+    a("--lr-head", type=float, default=1e-2, help="learning rate of the new head (every method)")
+    a("--lr-lora", type=float, default=1e-2)
     a("--lr-full", type=float, default=3e-4, help="small: large steps destroy what pretraining learnt")
-    a("--lr-prompt", type=float, default=3e-3)
+    a("--lr-prompt", type=float, default=1e-2)
     a("--lora-targets", default="attn", choices=sorted(LORA_TARGETS))
     a("--lora-r", type=int, default=8, help="rank of the update B A")
     a("--lora-alpha", type=float, default=16, help="update scaled by alpha / r")
@@ -564,11 +565,12 @@ def main(argv=None):
             targets["adapter_file_share_ok"] = targets["adapter_file_share"] < 0.05
             if ref:
                 targets["lora_minus_full_points"] = 100 * (lo["accuracy"] - ref["accuracy"])
-                targets["lora_minus_full_ok"] = targets["lora_minus_full_points"] >= -2
-                targets["lora_param_share_ok"] = lo["param_share_of_full"] < 0.02
+                targets["lora_minus_full_points_ok"] = targets["lora_minus_full_points"] >= -2
+                targets["lora_param_share"] = lo["param_share_of_full"]
+                targets["lora_param_share_ok"] = targets["lora_param_share"] < 0.02
             if "head" in results:
                 targets["lora_gain_over_head_points"] = 100 * (lo["accuracy"] - results["head"]["accuracy"])
-                targets["lora_gain_over_head_ok"] = targets["lora_gain_over_head_points"] >= 5
+                targets["lora_gain_over_head_points_ok"] = targets["lora_gain_over_head_points"] >= 5
         report = {"base_checkpoint": str(ckpt_path), "classes": classes, "n_train": len(train_x),
                   "n_test": len(test_x), "majority_baseline": max(test_y.count(c) for c in classes) / len(test_y),
                   "model_file_bytes": model_bytes, "device": args.device, "args": vars(args),
