@@ -457,7 +457,8 @@ def main(argv=None):
     a("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     a("--steps", type=int, default=150, help="optimizer steps per method (the shared budget)")
     a("--batch-size", type=int, default=16)
-    a("--max-len", type=int, default=64, help="tokens read from each article")
+    a("--max-len", type=int, default=None,
+      help="tokens read from each article (default 64, less if the model's block is shorter)")
     a("--lr-head", type=float, default=1e-2, help="learning rate of the new head (every method)")
     a("--lr-lora", type=float, default=1e-2)
     a("--lr-full", type=float, default=3e-4, help="small: large steps destroy what pretraining learnt")
@@ -497,8 +498,10 @@ def main(argv=None):
         _die(f"--device {args.device}: {str(e).splitlines()[0]}")
     if tok.n_vocab > base.config.vocab_size:
         _die(f"{ckpt_path}: vocabulary {base.config.vocab_size} is smaller than the tokenizer's {tok.n_vocab}")
-    need = args.max_len + (args.n_prompt if "prompt" in methods else 0)
-    if need > base.config.block_size:
+    n_prompt = args.n_prompt if "prompt" in methods else 0
+    if args.max_len is None:
+        args.max_len = max(1, min(64, base.config.block_size - n_prompt))
+    if args.max_len + n_prompt > base.config.block_size:
         _die(f"--max-len {args.max_len} (+ --n-prompt) exceeds the model's block_size {base.config.block_size}")
 
     train_x, train_y = read_labelled(data / "01_clean" / "train.jsonl")

@@ -268,3 +268,14 @@ def test_bad_input_exits_2_with_one_line(data, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("06_finetune_lora.py:"), err
     assert not (tmp_path / "d" / "06_finetune_lora").exists()
+
+
+def test_default_max_len_fits_a_short_context(data, tmp_path):
+    # the tiny model's block is 32 tokens: the default (64) shrinks to fit it and the prompt
+    d = tmp_path / "d"
+    d.mkdir()
+    for x in ("01_clean", "02_tokenize", "04_train"):
+        (d / x).symlink_to(data / x)
+    L.main(["--data", str(d), "--methods", "head,prompt", "--steps", "1", "--n-prompt", "8", "--device", "cpu"])
+    rep = json.loads((d / "06_finetune_lora" / "report.json").read_text())
+    assert rep["args"]["max_len"] == 24 and set(rep["methods"]) == {"head", "prompt"}
