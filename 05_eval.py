@@ -28,7 +28,6 @@ Deliberately left out: public benchmarks (they need downloads and a bigger model
 trains in minutes), human or model-as-judge ratings, and statistical tests between checkpoints.
 """
 import argparse
-import dataclasses
 import importlib
 import json
 import math
@@ -512,28 +511,28 @@ def write_outputs(report, out):
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Evaluate checkpoints: loss, perplexity, bits per byte, baselines, "
-                                "multiple choice, calibration, generation.")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data", default="data", metavar="DIR", help="reads DIR/02_tokenize/ (and 04_train/), writes DIR/05_eval/")
     a("--ckpt", default=None, metavar="PATH", help="checkpoint to evaluate (default DIR/04_train/ckpt.pt)")
     a("--compare", nargs="+", default=[], metavar="CKPT", help="more checkpoints, one column each in the tables")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    a("--threads", type=int, default=0, help="torch CPU threads (default 0: PyTorch's choice)")
-    a("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    a("--stride", type=int, default=None,
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+      help="default: cuda when available")
+    a("--threads", type=int, default=0, metavar="N", help="torch CPU threads (default 0: PyTorch's choice)")
+    a("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default 8)")
+    a("--stride", type=int, default=None, metavar="N",
       help="step between validation windows (default: the model's block_size, i.e. no overlap)")
-    a("--max-val-tokens", type=int, default=65536,
+    a("--max-val-tokens", type=int, default=65536, metavar="N",
       help="score at most this many val tokens, in evenly spaced windows; 0 = the whole split (default 65536)")
-    a("--baseline-tokens", type=int, default=20_000_000,
+    a("--baseline-tokens", type=int, default=20_000_000, metavar="N",
       help="fit the unigram/bigram baselines on this many train tokens (default 20M)")
-    a("--add-k", type=float, default=0.01, help="add-k smoothing of the baselines (default 0.01)")
-    a("--mc-items", type=int, default=200, help="multiple-choice items (default 200; 0 = skip)")
-    a("--mc-choices", type=int, default=4, help="choices per item, K (default 4: chance is 25%%)")
-    a("--temperatures", default="0,0.7,1.0", help="sampling temperatures, comma-separated (0 = greedy)")
-    a("--gen-tokens", type=int, default=48, help="new tokens per sample (default 48)")
-    a("--speed-tokens", type=int, default=128, help="tokens generated for the speed measurement (default 128)")
-    a("--seed", type=int, default=1337, help="seed for the benchmark items and the samples")
+    a("--add-k", type=float, default=0.01, metavar="K", help="add-k smoothing of the baselines (default 0.01)")
+    a("--mc-items", type=int, default=200, metavar="N", help="multiple-choice items (default 200; 0 = skip)")
+    a("--mc-choices", type=int, default=4, metavar="N", help="choices per item, K (default 4: chance is 25%%)")
+    a("--temperatures", default="0,0.7,1.0", metavar="T,T,...", help="sampling temperatures, comma-separated (0 = greedy)")
+    a("--gen-tokens", type=int, default=48, metavar="N", help="new tokens per sample (default 48)")
+    a("--speed-tokens", type=int, default=128, metavar="N", help="tokens generated for the speed measurement (default 128)")
+    a("--seed", type=int, default=1337, metavar="N", help="seed for the benchmark items and the samples")
     args = p.parse_args(argv)
     for flag, low in (("batch_size", 1), ("max_val_tokens", 0), ("baseline_tokens", 2), ("mc_items", 0),
                       ("mc_choices", 2), ("gen_tokens", 1), ("speed_tokens", 1), ("threads", 0)):
