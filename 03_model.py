@@ -237,12 +237,8 @@ class GPT(nn.Module):
         # a guard on the symbolic sequence length
         if not torch.compiler.is_compiling() and past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size={self.config.block_size}")
-        x = self.drop(self.wte(idx))
-        present_kv = []
-        for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if past_kv is None else past_kv[i])
-            present_kv.append(kv)
-        logits = self.head(self.norm(x))
+        h, present_kv = self.body(self.wte(idx), past_kv)
+        logits = self.head(h)
         loss = None
         if targets is not None:
             # mean over every position; -1 marks positions to ignore (padding, masked prompts).
@@ -250,6 +246,18 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=-1)
         return logits, loss, present_kv
+
+    def body(self, x, past_kv=None):
+        """The transformer without its two ends: input embeddings x (B, T, n_embd) -> final,
+        normalised hidden states (B, T, n_embd) and present_kv. forward() wraps it between the
+        embedding and the head; fine-tuning (06) feeds its own embeddings (soft prompts) and
+        reads the hidden states as features."""
+        x = self.drop(x)
+        present_kv = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, None if past_kv is None else past_kv[i])
+            present_kv.append(kv)
+        return self.norm(x), present_kv
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,

@@ -18,7 +18,7 @@ Out: DIR/06_finetune_lora/adapter.pt   the LoRA matrices + head alone: the small
      DIR/06_finetune_lora/report.json, report.md, confusion.png, loss.png
 
 Public API (07_safety.py builds its guard with it): LoRALinear, inject_lora, lora_state_dict,
-load_lora, merge_lora, hidden_states, Classifier, train_classifier, predict, save_adapter,
+load_lora, merge_lora, Classifier, train_classifier, predict, save_adapter,
 load_adapter. Deliberately left out: quantised bases (QLoRA), per-layer ranks, and fine-tuning
 for generation (instruction tuning): a label is the clearest way to measure what tuning buys.
 """
@@ -155,18 +155,6 @@ def merge_lora(model):
 
 # ----------------------------------------------------------------------------- 2. a classifier on the GPT
 
-def hidden_states(model, x):
-    """03_model.GPT's final (normalised) hidden states, (B, T, n_embd), for input *embeddings*
-    x (B, T, n_embd). GPT.forward takes token ids and ends in vocabulary logits, and 03_model
-    has no public method for either half, so this walks the same public submodules in the same
-    order as GPT.forward (drop, blocks, norm), stopping before the head. The tests check it
-    against GPT.forward bit for bit."""
-    x = model.drop(x)
-    for block in model.blocks:
-        x, _ = block(x)
-    return model.norm(x)
-
-
 class Classifier(nn.Module):
     """GPT features -> linear head. `method` sets what trains (the model is changed in place):
 
@@ -207,7 +195,7 @@ class Classifier(nn.Module):
         x = self.model.wte(idx)
         if self.prompt is not None:
             x = torch.cat((self.prompt.expand(idx.size(0), -1, -1), x), dim=1)
-        h = hidden_states(self.model, x)
+        h, _ = self.model.body(x)
         if self.prompt is not None:
             # the prompt positions come first, so (causal) they never see the text: their states
             # are the same for every input. Only the text positions carry evidence.
