@@ -321,7 +321,7 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     a("--threads", type=int, default=0, help="torch threads per process (0: PyTorch's default)")
     # how long
-    a("--epochs", type=float, default=None, help="passes over the training windows (default 1)")
+    a("--epochs", type=float, default=None, help="passes over the training windows (default 2)")
     a("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     # batch
     a("--batch-size", type=int, default=16, help="sequences per optimizer step, all ranks together")
@@ -440,7 +440,7 @@ def main(argv=None):
     easy = None
     sampler = make_sampler(len(train_tokens), T, args.seed)
     if args.max_steps is None:
-        args.max_steps = max(1, math.ceil((args.epochs or 1.0) * sampler.n_chunks / B))
+        args.max_steps = max(1, math.ceil((args.epochs or 2.0) * sampler.n_chunks / B))
     if args.curriculum:
         starts, score = document_difficulty(train_tokens, Path(args.data) / "02_tokenize" / "train_docs.jsonl",
                                             meta["vocab_size"])
@@ -615,7 +615,9 @@ def main(argv=None):
     # --- the final figure: the best model on the whole validation split, in bits per byte
     best = model_lib.load_model(work / "ckpt.pt", device)[0]
     val_full = evaluate(best, val_tokens, T, micro, device, autocast, rank, world)
-    bpb = val_full / math.log(2) / float(meta["val_bytes_per_token"])
+    # mean nats per token -> bits per byte: the split's tokens include one <|endoftext|> per
+    # document (scored like any token, but 0 bytes of text), so divide total bits by text bytes
+    bpb = val_full / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
     done = [m for m in metrics if m["kind"] == "train"]
     summary = {"steps": step, "epochs": step * B / sampler.n_chunks, "tokens": step * B * T,
                "params": model_lib.num_params(raw_model), "world_size": world, "dtype": dtype,
