@@ -157,6 +157,8 @@ def main():
             seconds[name] = time.time() - t0
             continue
         if rc != 0:
+            # the card still shows what the stages before it did: that is where to look first
+            print(f"== report card so far: {report_card(args.data, seconds)}")
             print(f"pipeline: {name} failed with exit status {rc}", file=sys.stderr)
             sys.exit(rc)
         seconds[name] = time.time() - t0
