@@ -324,11 +324,11 @@ def parse_args(argv=None):
     a("--epochs", type=float, default=None, help="passes over the training windows (default 2)")
     a("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     # batch
-    a("--batch-size", type=int, default=16, help="sequences per optimizer step, all ranks together")
+    a("--batch-size", type=int, default=8, help="sequences per optimizer step, all ranks together")
     a("--micro-batch", type=int, default=None,
       help="sequences per forward pass per rank (default: batch-size / world size, no accumulation)")
     # optimiser and schedule
-    a("--lr", type=float, default=2e-3, help="peak learning rate")
+    a("--lr", type=float, default=5e-3, help="peak learning rate")
     a("--warmup-steps", type=int, default=100, help="linear warmup length")
     a("--warmup-lr", type=float, default=1e-6, help="learning rate at step 0")
     a("--min-lr", type=float, default=None, help="floor of the cosine decay (default lr / 10)")
