@@ -208,8 +208,10 @@ def convert_int8(src, dst):
     for a whole activation tensor, and a single outlier channel then costs every other value its
     precision: on a lightly trained model it changed the top-1 token at ~2% of positions. The
     MatMulNBits operator (the int4/int8 format ONNX Runtime GenAI uses) scales weights per block
-    of 32 along the input dimension, and at accuracy_level=4 quantises the activations to int8
+    of 16 along the input dimension, and at accuracy_level=4 quantises the activations to int8
     per block as well, then multiplies in int8: same idea, finer blocks, ~10x smaller error.
+    (Blocks of 32 kept the top-1 token at only 98.8% of random-token positions for the default
+    model trained 2 epochs; 16 gave 100%, for a file 2% of fp32 larger.)
     Only MatMuls with a weight initializer are converted; the tied head reads the embedding
     through a Transpose, so it (and the embedding) stay fp32.
     """
@@ -217,7 +219,7 @@ def convert_int8(src, dst):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     with contextlib.redirect_stdout(io.StringIO()):
         logging.getLogger().setLevel(logging.ERROR)   # the quantiser logs every node it converts
-        q = MatMulNBitsQuantizer(str(src), bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
+        q = MatMulNBitsQuantizer(str(src), bits=8, block_size=16, is_symmetric=True, accuracy_level=4,
                                  op_types_to_quantize=("MatMul",))
         q.process()
         q.model.save_model_to_file(str(dst))
