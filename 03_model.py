@@ -367,6 +367,16 @@ def save_checkpoint(obj, path):
         tmp.unlink(missing_ok=True)
 
 
+def replace_dir(tmp, out):
+    """Swap a finished output folder `tmp` into place as `out`; the previous `out` is removed
+    only after the swap, so a crash at any point leaves one complete folder, never half of one."""
+    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def load_model(path, device="cpu", dtype=torch.float32):
     """Load a checkpoint {"model": state_dict, "config": dict} -> (GPT in eval mode, ckpt dict).
 
@@ -498,11 +508,7 @@ def main():
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "preset": args.preset}, indent=2) + "\n")
     (tmp / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
-    old = out.with_name(f".03_model.old{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
     print(f"wrote {out / 'config.json'} and {out / 'summary.json'}")
 
 

@@ -630,13 +630,7 @@ def main(argv=None):
         log_file.close()
         save_plots(metrics, work)
         (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        # swap the finished run into place; the previous one is removed only after that
-        old = out.with_name("04_train.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
+        model_lib.replace_dir(work, out)   # the previous run is removed only after the swap
         print(f"\n{'steps':<26}{step}\n{'epochs':<26}{summary['epochs']:.2f}\n"
               f"{'final train loss':<26}{loss_val:.4f}\n{'val loss (whole split)':<26}{val_full:.4f}\n"
               f"{'val bits per byte':<26}{bpb:.4f}\n{'tokens/s (median)':<26}{summary['tok_per_s'] or 0:,.0f}\n"

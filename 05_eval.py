@@ -499,11 +499,7 @@ def write_outputs(report, out):
                     for text in g["samples"]:
                         f.write(f"=== {m['name']} | temperature {t}\n{text}\n\n")
         write_plots(report, tmp)
-        old = out.with_name(f".05_eval.old{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        model_lib.replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

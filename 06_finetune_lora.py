@@ -593,11 +593,7 @@ def main(argv=None):
         lines += ["", "![confusion matrices](confusion.png)", "", "![training loss](loss.png)", ""]
         (tmp / "report.md").write_text("\n".join(lines))
 
-        old = out.with_name(f".06_finetune_lora.old{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        model_lib.replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()

@@ -564,11 +564,7 @@ def write_outputs(out, rep, results, bias, dlg):
         (tmp / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
         (tmp / "report.md").write_text(markdown(rep))
         plots(rep["metrics"], bias, dlg, tmp)
-        old = out.with_name(f".07_safety.old{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        model_lib.replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -596,11 +596,7 @@ def main(argv=None):
     work.mkdir(parents=True)
     try:
         report = build(args, model, ckpt, ckpt_path, work, real, rng, prompt_len, gen_tokens, providers)
-        old = out.with_name(f".08_export.old{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
+        model_lib.replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
