@@ -44,6 +44,12 @@ def _pct(x):
     return f"{100 * x:.1f}%"
 
 
+def _table(header, rows):
+    """Markdown table lines: the header, the separator, one line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def report_card(data, seconds):
     """Gather each stage's JSON into data/report.md, with the stages' plots embedded."""
     out = ["# Report card", ""]
@@ -83,44 +89,39 @@ def report_card(data, seconds):
     e = _load(data, "05_eval/report.json")
     if e:
         add("## 05 eval")
-        add("| model | loss | perplexity | bits per byte | multiple choice | ECE |")
-        add("|---|---|---|---|---|---|")
-        for name, b in e["baselines"].items():
-            add(f"| {name} baseline | {b['loss']:.3f} | {b['perplexity']:.1f} | {b['bpb']:.3f} | | |")
+        rows = [[f"{name} baseline", f"{b['loss']:.3f}", f"{b['perplexity']:.1f}", f"{b['bpb']:.3f}", "", ""]
+                for name, b in e["baselines"].items()]
         for r in e["models"]:
             mc = r.get("mc") or {}
             acc = f"{_pct(mc['accuracy'])} [{_pct(mc['ci95'][0])}, {_pct(mc['ci95'][1])}]" if mc else ""
-            add(f"| {r['name']} | {r['loss']:.3f} | {r['perplexity']:.1f} | {r['bpb']:.3f} | {acc} | "
-                f"{r['calibration']['ece']:.3f} |")
+            rows.append([r["name"], f"{r['loss']:.3f}", f"{r['perplexity']:.1f}", f"{r['bpb']:.3f}", acc,
+                         f"{r['calibration']['ece']:.3f}"])
+        out += _table(["model", "loss", "perplexity", "bits per byte", "multiple choice", "ECE"], rows)
         add("\n![reliability](05_eval/reliability.png) ![by group](05_eval/bpb_by_group.png)\n")
     f = _load(data, "06_finetune_lora/report.json")
     if f:
         add("## 06 fine-tune (topic classification)")
-        add("| method | accuracy | macro-F1 | trainable params | checkpoint bytes |")
-        add("|---|---|---|---|---|")
-        for name, r in f["methods"].items():
-            add(f"| {name} | {_pct(r['accuracy'])} | {r['macro_f1']:.3f} | {r['trainable_params']:,} | {r['checkpoint_bytes']:,} |")
+        out += _table(["method", "accuracy", "macro-F1", "trainable params", "checkpoint bytes"],
+                      [[name, _pct(r["accuracy"]), f"{r['macro_f1']:.3f}", f"{r['trainable_params']:,}",
+                        f"{r['checkpoint_bytes']:,}"] for name, r in f["methods"].items()])
         add("\n![confusion](06_finetune_lora/confusion.png)\n")
     s = _load(data, "07_safety/report.json")
     if s:
         add("## 07 safety")
-        add("| layer | attack success | over-refusal |")
-        add("|---|---|---|")
-        for name, r in s["metrics"]["layers"].items():
-            add(f"| {name} | {_pct(r['attack_success']['rate'])} | {_pct(r['over_refusal']['rate'])} |")
+        out += _table(["layer", "attack success", "over-refusal"],
+                      [[name, _pct(r["attack_success"]["rate"]), _pct(r["over_refusal"]["rate"])]
+                       for name, r in s["metrics"]["layers"].items()])
         add(f"\nGate: **{'passed' if s['gate']['passed'] else 'FAILED: ' + '; '.join(s['gate']['failures'])}**\n")
         add("![layers](07_safety/layers.png) ![bias](07_safety/bias.png)\n")
     x = _load(data, "08_export/report.json")
     if x:
         add("## 08 export")
-        add("| engine | prefill ms | decode ms/token |")
-        add("|---|---|---|")
-        for name, r in x["latency"].items():
-            add(f"| {name} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} |")
-        add("\n| file | bytes | of fp32 |")
-        add("|---|---|---|")
-        for name, r in x["files"].items():
-            add(f"| {name} | {r['bytes']:,} | {r['ratio']:.2f} |")
+        out += _table(["engine", "prefill ms", "decode ms/token"],
+                      [[name, f"{r['prefill_ms']:.1f}", f"{r['decode_ms_per_token']:.2f}"]
+                       for name, r in x["latency"].items()])
+        add("")
+        out += _table(["file", "bytes", "of fp32"],
+                      [[name, f"{r['bytes']:,}", f"{r['ratio']:.2f}"] for name, r in x["files"].items()])
         add(f"\nParity checks: {'all passed' if x['passed'] else 'FAILED'}.\n")
     import torch  # only here: the runner itself needs nothing but the standard library
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
