@@ -161,20 +161,21 @@ class Classifier(nn.Module):
       "head"   only the head;   "lora"  LoRA adapters (inject_lora) + head
       "full"   everything;      "prompt" n_prompt soft-prompt vectors + head
 
-    Features: the mean of the final hidden states over the text's real tokens (pool="mean"), or
-    the last token's (pool="last"). Mean is the default: in a causal model only the last token
-    has read the whole text, but its state is trained to predict the *next token*, which for a
-    small model is mostly about local syntax; the average collects topic evidence from every
-    position (frozen model + head on a small pretrained GPT: 45% accuracy with mean, 29% with
-    last). Right padding keeps it exact: causal
-    attention never lets a real token see the pads that follow it.
+    Features: the mean of the final hidden states over the text's real tokens (pool="mean"),
+    the last token's (pool="last"), or their element-wise max (pool="max"). Mean is the default:
+    in a causal model only the last token has read the whole text, but its state is trained to
+    predict the *next token*, which for a small model is mostly about local syntax; the average
+    collects topic evidence from every position (frozen model + head on a small pretrained GPT:
+    45% accuracy with mean, 29% with last). Max suits a detector (07's guard): one harmful phrase
+    should decide, however much harmless text is wrapped around it, and a mean dilutes it.
+    Right padding keeps it exact: causal attention never lets a real token see the pads after it.
     """
 
     def __init__(self, model, n_classes, method, pool="mean", n_prompt=16,
                  lora_targets="attn", lora_r=8, lora_alpha=16, lora_dropout=0.0):
         super().__init__()
-        if method not in METHODS or pool not in ("mean", "last"):
-            raise ValueError(f"method must be one of {METHODS} and pool mean|last, got {method!r}, {pool!r}")
+        if method not in METHODS or pool not in ("mean", "last", "max"):
+            raise ValueError(f"method must be one of {METHODS} and pool mean|last|max, got {method!r}, {pool!r}")
         self.model, self.method, self.pool, self.classes = model, method, pool, list(range(n_classes))
         self.lora = dict(targets=lora_targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
         if method == "lora":
@@ -200,7 +201,9 @@ class Classifier(nn.Module):
             # the prompt positions come first, so (causal) they never see the text: their states
             # are the same for every input. Only the text positions carry evidence.
             h = h[:, self.prompt.size(0):]
-        if self.pool == "mean":
+        if self.pool == "max":
+            feats = h.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(1).values
+        elif self.pool == "mean":
             m = mask.unsqueeze(-1).to(h.dtype)
             feats = (h * m).sum(1) / m.sum(1).clamp(min=1)
         else:
@@ -451,12 +454,16 @@ def main(argv=None):
     a("--lr-lora", type=float, default=1e-2)
     a("--lr-full", type=float, default=3e-4, help="small: large steps destroy what pretraining learnt")
     a("--lr-prompt", type=float, default=1e-2)
-    a("--lora-targets", default="attn", choices=sorted(LORA_TARGETS))
-    a("--lora-r", type=int, default=8, help="rank of the update B A")
-    a("--lora-alpha", type=float, default=16, help="update scaled by alpha / r")
+    # Defaults measured on the built-in corpus (seed 0, 150 steps): every linear layer at rank 2
+    # reached 77.5% with 1.4% of full's parameters; attention only at rank 8 (1.9%) reached
+    # 75.4%. Spread thin over all layers beats deep in a few, as QLoRA found.
+    a("--lora-targets", default="all", choices=sorted(LORA_TARGETS))
+    a("--lora-r", type=int, default=2, help="rank of the update B A")
+    a("--lora-alpha", type=float, default=4, help="update scaled by alpha / r")
     a("--lora-dropout", type=float, default=0.0)
     a("--n-prompt", type=int, default=16, help="soft-prompt vectors (prompt tuning)")
-    a("--pool", default="mean", choices=["mean", "last"], help="features: mean of the text's hidden states, or the last one")
+    a("--pool", default="mean", choices=["mean", "last", "max"],
+      help="features: mean of the text's hidden states, the last one, or their element-wise max")
     a("--max-train", type=int, default=None, help="use at most N training articles (random, seeded)")
     a("--max-test", type=int, default=None, help="test on at most N articles")
     a("--seed", type=int, default=0)

@@ -26,7 +26,7 @@ STAGES = [
                   "--eval-interval", "15", "--eval-windows", "4"]),
     ("05_eval", ["--max-val-tokens", "4096", "--mc-items", "20", "--gen-tokens", "8", "--speed-tokens", "8"]),
     ("06_finetune_lora", ["--steps", "10", "--max-train", "200", "--max-test", "100", "--max-len", "16"]),
-    ("07_safety", ["--guard-steps", "10", "--max-new-tokens", "4"]),
+    ("07_safety", ["--guards", "1", "--guard-steps", "10", "--max-new-tokens", "4"]),
     ("08_export", ["--threads", "1", "--repeats", "2", "--decode-tokens", "4"]),
 ]
 
@@ -50,9 +50,79 @@ def _table(header, rows):
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
+def report_picture(data, path):
+    """The card's headline figures on one page (report.png): a picture to glance at, and the
+    one the README shows. Panels whose stage has not run stay empty."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(2, 3, figsize=(15, 8))
+    for a in ax.flat:
+        a.set_axis_off()
+
+    def panel(a, title):
+        a.set_axis_on(), a.set_title(title, fontsize=10)
+        return a
+    rows = [json.loads(l) for l in (Path(data) / "04_train/metrics.jsonl").open()] \
+        if (Path(data) / "04_train/metrics.jsonl").exists() else []
+    tr = _load(data, "04_train/summary.json")
+    if rows and tr:
+        a = panel(ax[0, 0], f"04 train: {tr['val_bpb']:.3f} bits per byte on val")
+        t = [r for r in rows if r["kind"] == "train"]
+        a.plot([r["step"] for r in t], [r["loss"] for r in t], lw=0.5, alpha=0.5, label="train loss")
+        v = [r for r in rows if r["kind"] == "eval"]
+        a.plot([r["step"] for r in v], [r["val_loss"] for r in v], "o-", label="val loss")
+        a.set_xlabel("step"), a.legend(fontsize=8)
+    e = _load(data, "05_eval/report.json")
+    if e:
+        a = panel(ax[0, 1], "05 eval: bits per byte, lower is better")
+        bars = {**{k: b["bpb"] for k, b in e["baselines"].items()}, **{m["name"]: m["bpb"] for m in e["models"]}}
+        a.barh(list(bars), list(bars.values()), color=["gray"] * len(e["baselines"]) + ["C0"] * len(e["models"]))
+        for i, v in enumerate(bars.values()):
+            a.text(v, i, f" {v:.3f}", va="center", fontsize=8)
+    f = _load(data, "06_finetune_lora/report.json")
+    if f:
+        a = panel(ax[0, 2], "06 fine-tune: topic accuracy on val articles")
+        acc = {k: r["accuracy"] for k, r in f["methods"].items()}
+        a.bar(list(acc), list(acc.values()), color="C2")
+        for i, v in enumerate(acc.values()):
+            a.text(i, v, f"{v:.1%}", ha="center", va="bottom", fontsize=8)
+        a.set_ylim(0, 1)
+    s = _load(data, "07_safety/report.json")
+    if s:
+        gate = "passed" if s["gate"]["passed"] else "FAILED"
+        a = panel(ax[1, 0], f"07 safety: after each layer (gate {gate})")
+        layers = list(s["metrics"]["layers"])
+        for j, key in enumerate(("attack_success", "over_refusal")):
+            a.bar([i + 0.4 * j for i in range(len(layers))],
+                  [s["metrics"]["layers"][L][key]["rate"] for L in layers], 0.4, label=key.replace("_", " "))
+        a.axhline(s["gate"]["max_attack_success"], color="k", ls=":", lw=1)
+        a.set_xticks([i + 0.2 for i in range(len(layers))], layers, fontsize=7, rotation=20), a.legend(fontsize=8)
+    x = _load(data, "08_export/report.json")
+    if x:
+        a = panel(ax[1, 1], "08 export: decode ms per token, lower is better")
+        lat = {k: r["decode_ms_per_token"] for k, r in x["latency"].items()}
+        a.barh(list(lat), list(lat.values()), color="C4")
+        for i, v in enumerate(lat.values()):
+            a.text(v, i, f" {v:.2f}", va="center", fontsize=8)
+    c, t, m = _load(data, "01_clean/stats.json"), _load(data, "02_tokenize/stats.json"), _load(data, "03_model/summary.json")
+    lines = [f"corpus: {c['train']['documents']:,} train / {c['val']['documents']:,} val documents" if c else "",
+             f"tokenizer: {t['vocab_size']:,} tokens, {t['val_bytes_per_token']:.2f} bytes per token" if t else "",
+             f"model: {m['params_total']:,} parameters" if m else "",
+             f"training: {tr['steps']:,} steps in {tr['train_time_s']:.0f} s, MFU {_pct(tr['mfu'])}" if tr else "",
+             f"export parity: {'all passed' if x['passed'] else 'FAILED'}" if x else ""]
+    ax[1, 2].text(0, 1, "\n".join(l for l in lines if l), va="top", fontsize=11, family="monospace", wrap=True)
+    fig.suptitle("Report card (data/report.md has every figure)", fontsize=13)
+    fig.tight_layout()
+    tmp = path.with_name(".report.png.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def report_card(data, seconds):
     """Gather each stage's JSON into data/report.md, with the stages' plots embedded."""
-    out = ["# Report card", ""]
+    out = ["# Report card", "", "![the headline figures](report.png)", ""]
     add = out.append
     c = _load(data, "01_clean/stats.json")
     if c:
@@ -129,6 +199,7 @@ def report_card(data, seconds):
     add(f"Python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}, "
         f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), GPU: {gpu}. "
         f"Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ".")
+    report_picture(data, Path(data) / "report.png")
     path = Path(data) / "report.md"
     tmp = path.with_name(".report.md.tmp")
     tmp.write_text("\n".join(out) + "\n")

@@ -34,3 +34,6 @@ def test_pipeline_tiny_end_to_end(tmp_path):
     card = (d / "report.md").read_text()
     for section in ("01 clean", "02 tokenize", "03 model", "04 train", "05 eval", "06 fine-tune", "07 safety", "08 export"):
         assert f"## {section}" in card
+    # and the picture of its headline figures
+    assert (d / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![the headline figures](report.png)" in card
