@@ -321,7 +321,7 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     a("--threads", type=int, default=0, help="torch threads per process (0: PyTorch's default)")
     # how long
-    a("--epochs", type=float, default=None, help="passes over the training windows (default 2)")
+    a("--epochs", type=float, default=None, help="passes over the training windows (default 3)")
     a("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     # batch
     a("--batch-size", type=int, default=8, help="sequences per optimizer step, all ranks together")
@@ -440,7 +440,7 @@ def main(argv=None):
     easy = None
     sampler = make_sampler(len(train_tokens), T, args.seed)
     if args.max_steps is None:
-        args.max_steps = max(1, math.ceil((args.epochs or 2.0) * sampler.n_chunks / B))
+        args.max_steps = max(1, math.ceil((args.epochs or 3.0) * sampler.n_chunks / B))
     if args.curriculum:
         starts, score = document_difficulty(train_tokens, Path(args.data) / "02_tokenize" / "train_docs.jsonl",
                                             meta["vocab_size"])

@@ -2,6 +2,7 @@
 
     python pipeline.py              # every stage with its defaults on the built-in corpus
     python pipeline.py --tiny       # tiny settings: the end-to-end test runs this
+    python pipeline.py --card       # only gather the report card (after running a stage by hand)
 
 Each stage is an ordinary script run in its own process, exactly as a student would run it
 by hand; a failing stage stops the run with its own error message and exit status.
@@ -110,6 +111,8 @@ def report_picture(data, path):
              f"tokenizer: {t['vocab_size']:,} tokens, {t['val_bytes_per_token']:.2f} bytes per token" if t else "",
              f"model: {m['params_total']:,} parameters" if m else "",
              f"training: {tr['steps']:,} steps in {tr['train_time_s']:.0f} s, MFU {_pct(tr['mfu'])}" if tr else "",
+             (f"safety: attack success {_pct(s['metrics']['layers']['guard_output']['attack_success']['rate'])}, "
+              f"over-refusal {_pct(s['metrics']['layers']['guard_output']['over_refusal']['rate'])}") if s else "",
              f"export parity: {'all passed' if x['passed'] else 'FAILED'}" if x else ""]
     ax[1, 2].text(0, 1, "\n".join(l for l in lines if l), va="top", fontsize=11, family="monospace", wrap=True)
     fig.suptitle("Report card (data/report.md has every figure)", fontsize=13)
@@ -197,8 +200,8 @@ def report_card(data, seconds):
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     add("## Ran on")
     add(f"Python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}, "
-        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), GPU: {gpu}. "
-        f"Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ".")
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), GPU: {gpu}." +
+        (" Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "." if seconds else ""))
     report_picture(data, Path(data) / "report.png")
     path = Path(data) / "report.md"
     tmp = path.with_name(".report.md.tmp")
@@ -211,7 +214,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="data", help="folder every stage reads from and writes to")
     ap.add_argument("--tiny", action="store_true", help="tiny settings, for a quick end-to-end check")
+    ap.add_argument("--card", action="store_true",
+                    help="run nothing: gather the report card from what --data holds now (after a stage run by hand)")
     args = ap.parse_args()
+    if args.card:
+        print(f"== report card: {report_card(args.data, {})}")
+        return
     seconds = {}
     for name, tiny_flags in STAGES:
         print(f"== {name}", flush=True)

@@ -37,3 +37,9 @@ def test_pipeline_tiny_end_to_end(tmp_path):
     # and the picture of its headline figures
     assert (d / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![the headline figures](report.png)" in card
+    # --card gathers the same card again from the files alone (only the stage times are gone)
+    (d / "report.md").unlink()
+    r = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--card", "--data", str(d)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (d / "report.md").read_text() == card.split(" Stage times: ")[0] + "\n"
