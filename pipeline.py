@@ -64,8 +64,8 @@ def report_picture(data, path):
     def panel(a, title):
         a.set_axis_on(), a.set_title(title, fontsize=10)
         return a
-    rows = [json.loads(l) for l in (Path(data) / "04_train/metrics.jsonl").open()] \
-        if (Path(data) / "04_train/metrics.jsonl").exists() else []
+    log = Path(data) / "04_train/metrics.jsonl"
+    rows = [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
     tr = _load(data, "04_train/summary.json")
     if rows and tr:
         a = panel(ax[0, 0], f"04 train: {tr['val_bpb']:.3f} bits per byte on val")
@@ -114,7 +114,7 @@ def report_picture(data, path):
              (f"safety: attack success {_pct(s['metrics']['layers']['guard_output']['attack_success']['rate'])}, "
               f"over-refusal {_pct(s['metrics']['layers']['guard_output']['over_refusal']['rate'])}") if s else "",
              f"export parity: {'all passed' if x['passed'] else 'FAILED'}" if x else ""]
-    ax[1, 2].text(0, 1, "\n".join(l for l in lines if l), va="top", fontsize=11, family="monospace", wrap=True)
+    ax[1, 2].text(0, 1, "\n".join(l for l in lines if l), va="top", fontsize=11, family="monospace")
     fig.suptitle("Report card (data/report.md has every figure)", fontsize=13)
     fig.tight_layout()
     tmp = path.with_name(".report.png.tmp.png")
