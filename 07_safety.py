@@ -602,9 +602,11 @@ def parse_args(argv=None):
     a("--max-new-tokens", type=int, default=24, help="tokens per model reply")
     a("--turns", type=int, default=30, help="turns of the long dialogue (>= 25 tests past the window)")
     a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     a("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
     for f in ("guards", "guard_steps", "guard_batch", "guard_window", "max_len", "max_new_tokens"):
         if getattr(args, f) < 1:
             raise UserError(f"--{f.replace('_', '-')} must be positive, got {getattr(args, f)}")

@@ -296,6 +296,12 @@ def test_malformed_prompts_file_exits_2(tmp_path):
     assert len(lines) == 1 and f"--prompts {bad}:1: 'label' must be" in lines[0], r.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(safety.UserError, match="no CUDA device"):
+        safety.parse_args(["--device", "cuda"])
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     tiny_setup(tmp_path)
     (tmp_path / "04_train" / "ckpt.pt").unlink()
