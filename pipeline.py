@@ -36,6 +36,14 @@ STAGES = [
 # Every figure below is read from a stage's own JSON: the card computes nothing itself, so it
 # can never disagree with what the stages printed.
 
+# each stage's JSON, read once and shared by the card and its picture; None where a stage has not run
+STAGE_JSON = {"clean": "01_clean/stats.json", "tokenize": "02_tokenize/stats.json",
+              "model": "03_model/summary.json", "config": "03_model/config.json",
+              "train": "04_train/summary.json", "eval": "05_eval/report.json",
+              "finetune": "06_finetune_lora/report.json", "safety": "07_safety/report.json",
+              "export": "08_export/report.json"}
+
+
 def _load(data, rel):
     path = Path(data) / rel
     return json.loads(path.read_text()) if path.exists() else None
@@ -51,9 +59,17 @@ def _table(header, rows):
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def report_picture(data, path):
+def _barh(a, values, fmt, color):
+    """Horizontal bars, one per key of `values`, each labelled with its value."""
+    a.barh(list(values), list(values.values()), color=color)
+    for i, v in enumerate(values.values()):
+        a.text(v, i, " " + format(v, fmt), va="center", fontsize=8)
+
+
+def report_picture(data, j, path):
     """The card's headline figures on one page (report.png): a picture to glance at, and the
-    one the README shows. Panels whose stage has not run stay empty."""
+    one the README shows. j: the stages' JSON (STAGE_JSON). Panels whose stage has not run
+    stay empty."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -66,7 +82,7 @@ def report_picture(data, path):
         return a
     log = Path(data) / "04_train/metrics.jsonl"
     rows = [json.loads(l) for l in log.read_text().splitlines()] if log.exists() else []
-    tr = _load(data, "04_train/summary.json")
+    tr = j["train"]
     if rows and tr:
         a = panel(ax[0, 0], f"04 train: {tr['val_bpb']:.3f} bits per byte on val")
         t = [r for r in rows if r["kind"] == "train"]
@@ -74,14 +90,12 @@ def report_picture(data, path):
         v = [r for r in rows if r["kind"] == "eval"]
         a.plot([r["step"] for r in v], [r["val_loss"] for r in v], "o-", label="val loss")
         a.set_xlabel("step"), a.legend(fontsize=8)
-    e = _load(data, "05_eval/report.json")
+    e = j["eval"]
     if e:
-        a = panel(ax[0, 1], "05 eval: bits per byte, lower is better")
-        bars = {**{k: b["bpb"] for k, b in e["baselines"].items()}, **{m["name"]: m["bpb"] for m in e["models"]}}
-        a.barh(list(bars), list(bars.values()), color=["gray"] * len(e["baselines"]) + ["C0"] * len(e["models"]))
-        for i, v in enumerate(bars.values()):
-            a.text(v, i, f" {v:.3f}", va="center", fontsize=8)
-    f = _load(data, "06_finetune_lora/report.json")
+        _barh(panel(ax[0, 1], "05 eval: bits per byte, lower is better"),
+              {**{k: b["bpb"] for k, b in e["baselines"].items()}, **{m["name"]: m["bpb"] for m in e["models"]}},
+              ".3f", ["gray"] * len(e["baselines"]) + ["C0"] * len(e["models"]))
+    f = j["finetune"]
     if f:
         a = panel(ax[0, 2], "06 fine-tune: topic accuracy on val articles")
         acc = {k: r["accuracy"] for k, r in f["methods"].items()}
@@ -89,24 +103,21 @@ def report_picture(data, path):
         for i, v in enumerate(acc.values()):
             a.text(i, v, f"{v:.1%}", ha="center", va="bottom", fontsize=8)
         a.set_ylim(0, 1)
-    s = _load(data, "07_safety/report.json")
+    s = j["safety"]
     if s:
         gate = "passed" if s["gate"]["passed"] else "FAILED"
         a = panel(ax[1, 0], f"07 safety: after each layer (gate {gate})")
         layers = list(s["metrics"]["layers"])
-        for j, key in enumerate(("attack_success", "over_refusal")):
-            a.bar([i + 0.4 * j for i in range(len(layers))],
+        for col, key in enumerate(("attack_success", "over_refusal")):
+            a.bar([i + 0.4 * col for i in range(len(layers))],
                   [s["metrics"]["layers"][L][key]["rate"] for L in layers], 0.4, label=key.replace("_", " "))
         a.axhline(s["gate"]["max_attack_success"], color="k", ls=":", lw=1)
         a.set_xticks([i + 0.2 for i in range(len(layers))], layers, fontsize=7, rotation=20), a.legend(fontsize=8)
-    x = _load(data, "08_export/report.json")
+    x = j["export"]
     if x:
-        a = panel(ax[1, 1], "08 export: decode ms per token, lower is better")
-        lat = {k: r["decode_ms_per_token"] for k, r in x["latency"].items()}
-        a.barh(list(lat), list(lat.values()), color="C4")
-        for i, v in enumerate(lat.values()):
-            a.text(v, i, f" {v:.2f}", va="center", fontsize=8)
-    c, t, m = _load(data, "01_clean/stats.json"), _load(data, "02_tokenize/stats.json"), _load(data, "03_model/summary.json")
+        _barh(panel(ax[1, 1], "08 export: decode ms per token, lower is better"),
+              {k: r["decode_ms_per_token"] for k, r in x["latency"].items()}, ".2f", "C4")
+    c, t, m = j["clean"], j["tokenize"], j["model"]
     lines = [f"corpus: {c['train']['documents']:,} train / {c['val']['documents']:,} val documents" if c else "",
              f"tokenizer: {t['vocab_size']:,} tokens, {t['val_bytes_per_token']:.2f} bytes per token" if t else "",
              f"model: {m['params_total']:,} parameters" if m else "",
@@ -127,7 +138,8 @@ def report_card(data, seconds):
     """Gather each stage's JSON into data/report.md, with the stages' plots embedded."""
     out = ["# Report card", "", "![the headline figures](report.png)", ""]
     add = out.append
-    c = _load(data, "01_clean/stats.json")
+    j = {k: _load(data, rel) for k, rel in STAGE_JSON.items()}
+    c = j["clean"]
     if c:
         removed = {k: v["count"] for k, v in c["filters"].items()}
         add("## 01 clean")
@@ -138,20 +150,20 @@ def report_card(data, seconds):
             f"Train {c['train']['documents']:,} documents ({c['train']['bytes'] / 1e6:.2f} MB), "
             f"val {c['val']['documents']:,} ({c['val']['bytes'] / 1e6:.2f} MB).")
         add("\n![topics](01_clean/topics.png) ![filters](01_clean/filters.png)\n")
-    t = _load(data, "02_tokenize/stats.json")
+    t = j["tokenize"]
     if t:
         add("## 02 tokenize")
         add(f"Vocabulary {t['vocab_size']:,}; {t['train_tokens']:,} train and {t['val_tokens']:,} val tokens; "
             f"{t['val_bytes_per_token']:.2f} bytes per token on val (cl100k_base: "
             f"{t.get('cl100k_val_bytes_per_token') or float('nan'):.2f}); trained in {t['train_seconds']:.1f} s.")
         add("\n![token lengths](02_tokenize/token_lengths.png)\n")
-    m, cfg = _load(data, "03_model/summary.json"), _load(data, "03_model/config.json")
+    m, cfg = j["model"], j["config"]
     if m and cfg:
         add("## 03 model")
         add(f"Preset `{cfg['preset']}`: {cfg['n_layer']} layers x {cfg['n_embd']} wide, {cfg['n_head']} heads, "
             f"context {cfg['block_size']}; {m['params_total']:,} parameters, "
             f"{m['flops_per_token_train'] / 1e6:.1f} MFLOPs per training token.\n")
-    tr = _load(data, "04_train/summary.json")
+    tr = j["train"]
     if tr:
         add("## 04 train")
         add(f"{tr['steps']:,} steps ({tr['epochs']:.2f} epochs, {tr['tokens']:,} tokens) in {tr['train_time_s']:.0f} s, "
@@ -159,7 +171,7 @@ def report_card(data, seconds):
             f"Final train loss {tr['final_train_loss']:.3f}; val loss {tr['val_loss']:.3f} = "
             f"**{tr['val_bpb']:.3f} bits per byte** on the whole validation split.")
         add("\n![loss](04_train/loss.png) ![lr](04_train/lr.png)\n")
-    e = _load(data, "05_eval/report.json")
+    e = j["eval"]
     if e:
         add("## 05 eval")
         rows = [[f"{name} baseline", f"{b['loss']:.3f}", f"{b['perplexity']:.1f}", f"{b['bpb']:.3f}", "", ""]
@@ -171,14 +183,14 @@ def report_card(data, seconds):
                          f"{r['calibration']['ece']:.3f}"])
         out += _table(["model", "loss", "perplexity", "bits per byte", "multiple choice", "ECE"], rows)
         add("\n![reliability](05_eval/reliability.png) ![by group](05_eval/bpb_by_group.png)\n")
-    f = _load(data, "06_finetune_lora/report.json")
+    f = j["finetune"]
     if f:
         add("## 06 fine-tune (topic classification)")
         out += _table(["method", "accuracy", "macro-F1", "trainable params", "checkpoint bytes"],
                       [[name, _pct(r["accuracy"]), f"{r['macro_f1']:.3f}", f"{r['trainable_params']:,}",
                         f"{r['checkpoint_bytes']:,}"] for name, r in f["methods"].items()])
         add("\n![confusion](06_finetune_lora/confusion.png)\n")
-    s = _load(data, "07_safety/report.json")
+    s = j["safety"]
     if s:
         add("## 07 safety")
         out += _table(["layer", "attack success", "over-refusal"],
@@ -186,7 +198,7 @@ def report_card(data, seconds):
                        for name, r in s["metrics"]["layers"].items()])
         add(f"\nGate: **{'passed' if s['gate']['passed'] else 'FAILED: ' + '; '.join(s['gate']['failures'])}**\n")
         add("![layers](07_safety/layers.png) ![bias](07_safety/bias.png)\n")
-    x = _load(data, "08_export/report.json")
+    x = j["export"]
     if x:
         add("## 08 export")
         out += _table(["engine", "prefill ms", "decode ms/token"],
@@ -202,7 +214,7 @@ def report_card(data, seconds):
     add(f"Python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}, "
         f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), GPU: {gpu}." +
         (" Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "." if seconds else ""))
-    report_picture(data, Path(data) / "report.png")
+    report_picture(data, j, Path(data) / "report.png")
     path = Path(data) / "report.md"
     tmp = path.with_name(".report.md.tmp")
     tmp.write_text("\n".join(out) + "\n")
