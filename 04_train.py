@@ -168,6 +168,15 @@ def setup_distributed(device_flag):
     return rank, world, torch.device("cpu")
 
 
+def end_distributed():
+    """Leave the process group together: a rank that tears its gloo connections down while rank
+    0 is still writing the outputs can abort ("terminate called without an active exception"),
+    and torchrun then reports the whole run as failed."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_sum(t):
     """Sum a tensor over ranks (identity in one process)."""
     if dist.is_initialized():
@@ -606,8 +615,7 @@ def main(argv=None):
             if master:
                 print(f"stopped at step {step}/{args.max_steps}; training state saved to {work / 'last.pt'}. "
                       f"Continue with: python 04_train.py --data {args.data} --resume")
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            end_distributed()
             return
     bar.close()
     save_last(step)
@@ -638,8 +646,7 @@ def main(argv=None):
               f"wrote {out}/ckpt.pt, last.pt, metrics.jsonl, summary.json, loss.png, lr.png")
         if args.wandb:
             wandb.finish()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == "__main__":
