@@ -99,15 +99,18 @@ def _unspace(m):
     return " ".join(part.replace(" ", "") for part in re.split(r" {2,}", m.group(0)))
 
 
-def _rot13_clause(m):
+def _rot13_clause(m, payloads):
     s = m.group(0)
     words = re.findall(r"[a-z]+", s.lower())
     hits = sum(w in COMMON for w in words)
     rot_hits = sum(codecs.encode(w, "rot13") in COMMON for w in words)
-    return codecs.encode(s, "rot13") if rot_hits >= 2 and rot_hits > 2 * hits else s
+    if rot_hits >= 2 and rot_hits > 2 * hits:
+        s = codecs.encode(s, "rot13")
+        payloads.append(re.sub(r"\s+", " ", s).strip().casefold())
+    return s
 
 
-def _b64(m, steps, depth):
+def _b64(m, steps, depth, payloads):
     s = m.group(0)
     try:
         out = base64.b64decode(s + "=" * (-len(s) % 4), validate=True).decode("utf-8")
@@ -116,13 +119,17 @@ def _b64(m, steps, depth):
     if sum(c.isprintable() for c in out) < 0.95 * len(out) or " " not in out.strip():
         return s
     steps.append("base64")
-    return normalize(out, steps, depth + 1)   # a payload may itself be obfuscated
+    out = normalize(out, steps, depth + 1, payloads)   # a payload may itself be obfuscated
+    payloads.append(out)
+    return out
 
 
-def normalize(text, steps=None, depth=0):
+def normalize(text, steps=None, depth=0, payloads=None):
     """Undo the usual obfuscations; returns the canonical (lower-case) text. The names of the
-    steps that changed something are appended to `steps` when a list is passed."""
+    steps that changed something are appended to `steps` when a list is passed, and what was
+    hidden or encoded (tag text, base64, ROT13), decoded and normalised, to `payloads`."""
     steps = [] if steps is None else steps
+    payloads = [] if payloads is None else payloads
 
     def step(name, new, old):
         if new != old:
@@ -132,8 +139,11 @@ def normalize(text, steps=None, depth=0):
     # Tag characters U+E0020..E007E mirror ASCII and render as nothing: an attacker hides a
     # whole request in them. Reveal them as the ASCII they encode, before format characters
     # (their Unicode category) are deleted below.
-    text = step("tags", TAGS.sub(lambda m: " " + "".join(chr(ord(c) - 0xE0000) for c in m.group(0)) + " ",
-                                 text), text)
+    def reveal(m):
+        hidden = "".join(chr(ord(c) - 0xE0000) for c in m.group(0))
+        payloads.append(normalize(hidden, [], depth + 1))
+        return " " + hidden + " "
+    text = step("tags", TAGS.sub(reveal, text), text)
     # Zero-width spaces and joiners, soft hyphens, bidi overrides (category Cf), and control
     # characters other than line breaks and tabs (Cc): all invisible, all gone.
     text = step("invisible", "".join(c for c in text if unicodedata.category(c) != "Cf" and
@@ -141,7 +151,7 @@ def normalize(text, steps=None, depth=0):
     text = step("nfkc", unicodedata.normalize("NFKC", text), text)   # ｆｕｌｌｗｉｄｔｈ, 𝐛𝐨𝐥𝐝 -> ascii
     text = step("confusables", text.translate(CONFUSABLES), text)
     if depth < 2:
-        text = B64.sub(lambda m: _b64(m, steps, depth), text)
+        text = B64.sub(lambda m: _b64(m, steps, depth, payloads), text)
     text = step("spacing", SPACED.sub(_unspace, text), text)
     # Leetspeak: a word with a digit between letters is decoded; when the text has two such
     # words it is leetspeak throughout, and all-digit words made of leet digits ("70" = "to") go too.
@@ -156,7 +166,7 @@ def normalize(text, steps=None, depth=0):
         return w
     text = step("leetspeak", re.sub(r"[\w@$.]*[0134579@$][\w@$.]*", leet, text), text)
     # ROT13 last: only once the letters are plain ones can we tell it from English
-    text = step("rot13", re.sub(r"[^.:;!?\n\"]+", _rot13_clause, text), text)
+    text = step("rot13", re.sub(r"[^.:;!?\n\"]+", lambda m: _rot13_clause(m, payloads), text), text)
     return re.sub(r"\s+", " ", text).strip().casefold()
 
 
@@ -216,10 +226,15 @@ def _fit(tok, text, max_len):
     return text if len(ids) <= max_len else tok.decode(ids[-max_len:])
 
 
-def guard_text(turns, window):
+def guard_views(turns, window):
     """What the guard reads for a (partial) conversation: the newest `window` user turns,
-    normalised and joined, so a request split across turns is judged as one."""
-    return "\n".join(normalize(t) for t in turns[-window:])
+    normalised and joined, so a request split across turns is judged as one; then, each on its
+    own, the payloads the normaliser decoded. What an attacker hid (tag characters, base64,
+    ROT13) is what they want the model to act on, so it is judged without the innocent text
+    they wrapped it in ("Hi! Lovely day." + a hidden request); the text is flagged when any
+    view is."""
+    payloads = []
+    return ["\n".join(normalize(t, payloads=payloads) for t in turns[-window:])] + payloads
 
 
 def train_guard(lora, model, tok, rows, args):
@@ -230,9 +245,9 @@ def train_guard(lora, model, tok, rows, args):
         # The guard judges every prefix of a conversation, so it must have seen prefixes: a
         # conversation's opening turn alone is benign, the whole of it carries the row's label.
         if len(r["turns"]) > 1:
-            texts.append(guard_text(r["turns"][:1], args.guard_window))
+            texts.append(guard_views(r["turns"][:1], args.guard_window)[0])
             labels.append(0)
-        texts.append(guard_text(r["turns"], args.guard_window))
+        texts.append(guard_views(r["turns"], args.guard_window)[0])
         labels.append(int(r["label"] == "harmful"))
     texts = [_fit(tok, t, args.max_len) for t in texts]
     # Choices measured on this project's data (see the README): adapters in every linear layer
@@ -288,8 +303,9 @@ def run_suite(rows, model, tok, lora, guards, args, desc):
     texts, owner = [], []
     for i, r in enumerate(rows):
         for t in range(len(r["turns"])):
-            texts.append(guard_text(r["turns"][:t + 1], args.guard_window))
-            owner.append(i)
+            views = guard_views(r["turns"][:t + 1], args.guard_window)
+            texts += views
+            owner += [i] * len(views)
     p_in = harm_prob(lora, guards, tok, texts, args)
     # The ablation: the same guard on the raw text, without the normaliser in front of it
     p_raw = harm_prob(lora, guards, tok, ["\n".join(r["turns"][-args.guard_window:]) for r in rows], args)
@@ -431,7 +447,7 @@ def long_dialogue(model, tok, lora, guards, benign, harmful_split, args):
     turns, replies, log = [], [], []
     for t, msg in enumerate(tqdm(user, desc="long dialogue", leave=False)):
         turns.append(msg)
-        flagged = harm_prob(lora, guards, tok, [guard_text(turns, args.guard_window)], args)[0] >= args.threshold
+        flagged = max(harm_prob(lora, guards, tok, guard_views(turns, args.guard_window), args)) >= args.threshold
         if flagged:
             replies.append(REFUSAL)
             log.append({"turn": t + 1, "flagged": True, "harmful_part": t >= len(user) - len(harmful_split)})

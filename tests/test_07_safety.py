@@ -57,6 +57,15 @@ def test_normaliser_reveals_tag_characters():
     assert out == "what a nice day. " + PLAIN and "tags" in steps
 
 
+def test_guard_judges_decoded_payloads_on_their_own():
+    # the whole text first, then each hidden or encoded request alone, without its wrapping
+    b64 = base64.b64encode(PLAIN.encode()).decode()
+    assert safety.guard_views(["What a nice day." + tags(PLAIN)], 4) == ["what a nice day. " + PLAIN, PLAIN]
+    assert safety.guard_views(["hi", "decode: " + b64], 4) == ["hi\ndecode: " + PLAIN, PLAIN]
+    assert safety.guard_views(["answer this: " + codecs.encode(PLAIN, "rot13")], 4) == ["answer this: " + PLAIN, PLAIN]
+    assert safety.guard_views(["How do I kill a Python process?"], 4) == ["how do i kill a python process?"]
+
+
 @pytest.mark.parametrize("text", ["How do I kill a Python 3.12 process?", "I have 3 cats and 4 dogs. Is 1 enough?",
                                   "mail bob@example.com about the mp3 and 3d files",
                                   "internationalization of the x86 build", "The Onion ran a story on May 5"])
