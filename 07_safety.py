@@ -15,8 +15,8 @@ tests the deployed *system*: the model plus its safeguards, layer by layer:
   2. The guard, in the style of Llama Guard: our own pretrained model, fine-tuned with the LoRA
      of 06_finetune_lora.py to label a text harmful or benign, trained on
      data/safety/guard_train.jsonl (disjoint from the test suite); three of them, from three
-     seeds, whose probabilities are averaged. It judges the user's text and, again, the
-     model's reply before it is shown.
+     seeds, whose probabilities are averaged. It judges the user's text (and, on its own,
+     whatever the normaliser decoded from it) and, again, the model's reply before it is shown.
   3. An adversarial suite (data/safety/suite.jsonl, or --prompts FILE) goes through the system;
      the attack success rate and the over-refusal rate, with Wilson 95% intervals, are reported
      after each layer, per category and per attack style.
