@@ -99,6 +99,11 @@ def _unspace(m):
     return " ".join(part.replace(" ", "") for part in re.split(r" {2,}", m.group(0)))
 
 
+def _canonical(text):
+    """One space between words, lower case: the form the guard reads."""
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
 def _rot13_clause(m, payloads):
     s = m.group(0)
     words = re.findall(r"[a-z]+", s.lower())
@@ -106,7 +111,7 @@ def _rot13_clause(m, payloads):
     rot_hits = sum(codecs.encode(w, "rot13") in COMMON for w in words)
     if rot_hits >= 2 and rot_hits > 2 * hits:
         s = codecs.encode(s, "rot13")
-        payloads.append(re.sub(r"\s+", " ", s).strip().casefold())
+        payloads.append(_canonical(s))
     return s
 
 
@@ -167,7 +172,7 @@ def normalize(text, steps=None, depth=0, payloads=None):
     text = step("leetspeak", re.sub(r"[\w@$.]*[0134579@$][\w@$.]*", leet, text), text)
     # ROT13 last: only once the letters are plain ones can we tell it from English
     text = step("rot13", re.sub(r"[^.:;!?\n\"]+", lambda m: _rot13_clause(m, payloads), text), text)
-    return re.sub(r"\s+", " ", text).strip().casefold()
+    return _canonical(text)
 
 
 # ----------------------------------------------------------------------------- 2. prompt files

@@ -19,6 +19,9 @@ check() {   # check NAME COMMAND...: run it, keep its output, say ok or FAIL
     local name=$1; shift
     if "$@" >"$W/$name.log" 2>&1; then echo "ok   $name"; else echo "FAIL $name (last lines below)"; tail -5 "$W/$name.log"; fails=$((fails + 1)); fi
 }
+fresh() {   # fresh DIR: a new data folder with the tokenizer and model config of the first run
+    mkdir -p "$W/$1"; cp -r "$W/d/02_tokenize" "$W/d/03_model" "$W/$1/"
+}
 summary() { $PY -c "import json,sys; s=json.load(open('$1/04_train/summary.json')); print(s['$2'])"; }
 
 $PY -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(),
@@ -38,8 +41,7 @@ opt = t.make_optimizer(m.GPT(m.PRESETS['cpu']).to('$DEV'), 1e-3, 0.1, (0.9, 0.95
 assert opt.defaults['fused'] == ('$DEV' == 'cuda'), opt.defaults"
 check resume_bf16 $PY 04_train.py --data "$W/d" --device $DEV --max-steps 300 --eval-interval 100 --resume
 # fp16 with a gradient scaler (GPUs without bf16), and torch.compile
-mkdir -p "$W/f16" "$W/cmp"
-cp -r "$W/d/02_tokenize" "$W/d/03_model" "$W/f16/"; cp -r "$W/d/02_tokenize" "$W/d/03_model" "$W/cmp/"
+fresh f16; fresh cmp
 check train_fp16 $PY 04_train.py --data "$W/f16" --device $DEV --dtype fp16 --max-steps 100 --eval-interval 50
 check train_compile $PY 04_train.py --data "$W/cmp" --device $DEV --compile --max-steps 100 --eval-interval 50
 check no_orig_mod $PY -c "
@@ -49,11 +51,11 @@ for f in ('ckpt.pt', 'last.pt'):
     assert not any(k.startswith('_orig_mod.') for k in sd), f"
 # DDP with NCCL: one process per GPU; on a one-GPU machine, a single rank still runs the NCCL path
 NGPU=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))")
-mkdir -p "$W/ddp"; cp -r "$W/d/02_tokenize" "$W/d/03_model" "$W/ddp/"
+fresh ddp
 check torchrun_nccl $PY -m torch.distributed.run --standalone --nproc_per_node=$NGPU 04_train.py \
     --data "$W/ddp" --device $DEV --max-steps 100 --eval-interval 50
 # GPT-2 small sizing (124M): a few steps, to see it fits and runs
-mkdir -p "$W/g2"; cp -r "$W/d/02_tokenize" "$W/g2/"
+fresh g2   # --preset replaces its model config
 [ "$DEV" = cuda ] && check gpt2_preset $PY 04_train.py --data "$W/g2" --preset gpt2 --device $DEV --max-steps 20 --batch-size 16 --eval-interval 10
 # the later stages on CUDA, on the bf16 model trained above
 check eval $PY 05_eval.py --data "$W/d" --device $DEV
