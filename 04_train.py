@@ -15,8 +15,8 @@ The ideas, in the order the code uses them:
   2. Distributed data parallel: under `torchrun` each process (rank) takes its share of every
      batch; gradients are averaged across ranks during backward. Gradient accumulation is
      derived from the world size so that the global batch (and so the maths) stays the same.
-  3. AdamW with weight decay on matrices only, a linear warmup then cosine decay of the learning
-     rate, gradient clipping, mixed precision.
+  3. AdamW with weight decay on matrices only (and a larger rate for the embedding), a linear
+     warmup then cosine decay of the learning rate, gradient clipping, mixed precision.
   4. Bookkeeping that makes long runs safe: periodic evaluation keeping the best checkpoint,
      atomic checkpoints with everything needed to resume bit for bit, Ctrl-C that saves, and a
      non-finite loss that stops the run instead of silently destroying the weights.
@@ -186,16 +186,24 @@ def all_sum(t):
 
 # ----------------------------------------------------------------------------- optimisation
 
-def make_optimizer(model, lr, weight_decay, betas, eps, device_type):
-    """AdamW, weight decay on matrices only.
+def make_optimizer(model, lr, weight_decay, betas, eps, device_type, embed_lr_scale=1.0):
+    """AdamW, weight decay on matrices only, the token embedding at embed_lr_scale x lr.
 
     Decay pulls weights toward zero; that regularises matrices (embeddings, projections), but
     on the RMSNorm gains it would fight the scale they exist to set, so 1-D tensors are
-    exempt. fused=True does the whole update in one CUDA kernel instead of one per tensor.
+    exempt. The embedding (which is also the output head) gets its own, larger rate: with 3x
+    the default model reached a lower loss in the same time (measured: see the README); small
+    GPT speedruns make the same choice. Each group's "lr_scale" multiplies the schedule's
+    rate. fused=True does the whole update in one CUDA kernel instead of one per tensor.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    emb = model.wte.weight
+    matrices = [p for p in model.parameters() if p.dim() >= 2 and p is not emb]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    groups = [dict(params=matrices, weight_decay=weight_decay, lr_scale=1.0),
+              dict(params=[emb], weight_decay=weight_decay, lr_scale=embed_lr_scale),
+              dict(params=vectors, weight_decay=0.0, lr_scale=1.0)]
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device_type == "cuda")
 
 
@@ -312,7 +320,7 @@ def save_plots(metrics, folder):
 
 # Flags that define the run's maths: --resume restores them from the checkpoint, so a resumed
 # run is the same run. Everything else (device, threads, logging) may change between runs.
-RUN_FLAGS = ("batch_size", "lr", "min_lr", "warmup_steps", "warmup_lr", "decay_steps", "weight_decay",
+RUN_FLAGS = ("batch_size", "lr", "embed_lr_scale", "min_lr", "warmup_steps", "warmup_lr", "decay_steps", "weight_decay",
              "beta1", "beta2", "eps", "clip", "clip_mode", "dtype", "seed", "curriculum", "max_steps")
 
 
@@ -330,7 +338,7 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     a("--threads", type=int, default=0, help="torch threads per process (0: PyTorch's default)")
     # how long
-    a("--epochs", type=float, default=None, help="passes over the training windows (default 3)")
+    a("--epochs", type=float, default=None, help="passes over the training windows (default 4)")
     a("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
     # batch
     a("--batch-size", type=int, default=8, help="sequences per optimizer step, all ranks together")
@@ -338,13 +346,14 @@ def parse_args(argv=None):
       help="sequences per forward pass per rank (default: batch-size / world size, no accumulation)")
     # optimiser and schedule
     a("--lr", type=float, default=5e-3, help="peak learning rate")
+    a("--embed-lr-scale", type=float, default=3.0, help="the token embedding (= output head) learns at this x lr")
     a("--warmup-steps", type=int, default=100, help="linear warmup length")
     a("--warmup-lr", type=float, default=1e-6, help="learning rate at step 0")
     a("--min-lr", type=float, default=None, help="floor of the cosine decay (default lr / 10)")
     a("--decay-steps", type=int, default=None, help="step where the cosine reaches min-lr (default: the last)")
     a("--weight-decay", type=float, default=0.1)
     a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.95)
+    a("--beta2", type=float, default=0.99)
     a("--eps", type=float, default=1e-8)
     a("--clip", type=float, default=1.0, help="gradient clipping threshold (norm or value)")
     a("--clip-mode", default="norm", choices=["norm", "value", "none"])
@@ -395,7 +404,7 @@ def main(argv=None):
         try:
             state = torch.load(src, map_location="cpu", weights_only=True)
             config = model_lib.GPTConfig(**state["config"])
-            saved = state["args"]
+            saved = {k: state["args"][k] for k in RUN_FLAGS}
             int(state["step"])
         except Exception as e:
             fail(f"{src}: not a usable training checkpoint ({type(e).__name__}: {str(e)[:200]})")
@@ -449,7 +458,7 @@ def main(argv=None):
     easy = None
     sampler = make_sampler(len(train_tokens), T, args.seed)
     if args.max_steps is None:
-        args.max_steps = max(1, math.ceil((args.epochs or 3.0) * sampler.n_chunks / B))
+        args.max_steps = max(1, math.ceil((args.epochs or 4.0) * sampler.n_chunks / B))
     if args.curriculum:
         starts, score = document_difficulty(train_tokens, Path(args.data) / "02_tokenize" / "train_docs.jsonl",
                                             meta["vocab_size"])
@@ -468,7 +477,8 @@ def main(argv=None):
     # --- model and optimiser
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts them)
     model = model_lib.GPT(config).to(device)
-    opt = make_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2), args.eps, device.type)
+    opt = make_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2), args.eps, device.type,
+                         args.embed_lr_scale)
     step, best_val = 0, float("inf")
     if state is not None:
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
@@ -563,7 +573,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         lr = lr_at(step, **schedule)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         # dropout draws from a generator seeded by (seed, step, rank): exact on resume
         torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
         loss_sum = torch.zeros((), device=device)

@@ -84,6 +84,27 @@ def test_schedule_warmup_peak_and_end():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))           # decays monotonically
 
 
+def test_optimizer_decays_matrices_only_and_speeds_up_the_embedding():
+    torch.manual_seed(0)
+    model = model_lib.GPT(TINY)
+    opt = train.make_optimizer(model, 1e-3, 0.1, (0.9, 0.99), 1e-12, "cpu", embed_lr_scale=3.0)
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert len(group_of) == len(list(model.parameters()))     # every parameter, once
+    for p in model.parameters():
+        assert group_of[id(p)]["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
+    # Adam's first step moves each weight by exactly lr (m / sqrt(v) = sign of the gradient):
+    # so, without decay, the largest move of each tensor is its group's learning rate
+    for g in opt.param_groups:
+        g["weight_decay"] = 0.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randint(0, 257, (2, 16))
+    model(x, x)[1].backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        moved = float((p.detach() - before[n]).abs().max())
+        assert moved == pytest.approx(3e-3 if n == "wte.weight" else 1e-3, rel=1e-3), n
+
+
 def _params_with_big_grads():
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(5))]
