@@ -448,8 +448,9 @@ def main(argv=None):
     a("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     # 450 x 16 = one pass over the 7,119 training articles. At 150 steps (a third of a pass)
     # LoRA and full fine-tuning had not finished learning, the head had: LoRA's gain over it
-    # was 4.3 points; at 450, 5.5 (seeds 1, 2: 6.0, 6.2), at 600, 6.9. Each 100 steps cost about
-    # 26 s over the four methods on a 2-core CPU.
+    # was 4.3 points; at 450, 5.5 (seeds 1, 2: 6.0, 6.2), at 600, 6.9 (on the 4-layer base
+    # model of the time; 5.1 at 450 on today's 3-layer one). Each 100 steps cost about 26 s
+    # over the four methods on a 2-core CPU.
     a("--steps", type=int, default=450, help="optimizer steps per method (the shared budget)")
     a("--batch-size", type=int, default=16)
     a("--max-len", type=int, default=None,

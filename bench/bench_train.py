@@ -251,17 +251,19 @@ def main():
               f"({s['epochs']:.1f} epochs, median {s['tok_per_s']:,.0f} tok/s, MFU {s['mfu']:.0%})")
         if not args.skip_reference:
             ref, ref_steps, ref_s, ref_tok_s = train_reference(train_tok, val_tok, meta["vocab_size"], seconds, bpt)
-            res.update(ref_bpb=ref, ref_steps=ref_steps, ref_train_s=ref_s, ref_tok_s=ref_tok_s)
+            res.update(ref_bpb=ref, ref_steps=ref_steps, ref_train_s=ref_s, ref_tok_s=ref_tok_s,
+                       ours_over_ref=s["val_bpb"] / ref)
             print(f"   reference: {ref:.3f} bits/byte after {ref_s:.0f} s ({ref_steps} steps, {ref_tok_s:,.0f} tok/s), "
-                  f"nanoGPT-style GPT-2 4x128 ctx 64; ours / reference = {s['val_bpb'] / ref:.3f}")
+                  f"nanoGPT-style GPT-2 4x128 ctx 64; ours / reference = {res['ours_over_ref']:.3f}")
         res["bigram_bpb"] = bigram_bpb(train_tok, val_tok, meta["vocab_size"], bpt)
         print(f"   bigram:    {res['bigram_bpb']:.3f} bits/byte (best add-alpha); ours / bigram = "
               f"{s['val_bpb'] / res['bigram_bpb']:.3f}")
         print(f"   target <= 1.60 after 5 minutes: {'met' if s['val_bpb'] <= 1.60 else 'NOT met'}")
-        if "ref_bpb" in res:
+        if "ours_over_ref" in res:
             # the target was set when the reference measured 1.73 here: as a ratio, <= 0.925 of it
+            ratio = res["ours_over_ref"]
             print(f"   the same target as a ratio to the reference of this run (1.60 / 1.73 = 0.925): "
-                  f"{s['val_bpb'] / res['ref_bpb']:.3f}, {'met' if s['val_bpb'] / res['ref_bpb'] <= 1.60 / 1.73 else 'NOT met'}")
+                  f"{ratio:.3f}, {'met' if ratio <= 1.60 / 1.73 else 'NOT met'}")
     out = Path(args.data) / "bench_train.json"
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"\nwrote {out}")
