@@ -345,8 +345,8 @@ def parse_args(argv=None):
     a("--micro-batch", type=int, default=None,
       help="sequences per forward pass per rank (default: batch-size / world size, no accumulation)")
     # optimiser and schedule
-    a("--lr", type=float, default=2.5e-3, help="peak learning rate")
-    a("--embed-lr-scale", type=float, default=8.0, help="the token embedding (= output head) learns at this x lr")
+    a("--lr", type=float, default=5e-3, help="peak learning rate")
+    a("--embed-lr-scale", type=float, default=3.0, help="the token embedding (= output head) learns at this x lr")
     a("--warmup-steps", type=int, default=None, help="linear warmup length (default: a fifth of the steps)")
     a("--warmup-lr", type=float, default=1e-6, help="learning rate at step 0")
     a("--min-lr", type=float, default=None, help="floor of the cosine decay (default lr / 10)")
