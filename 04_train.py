@@ -347,7 +347,7 @@ def parse_args(argv=None):
     # optimiser and schedule
     a("--lr", type=float, default=5e-3, help="peak learning rate")
     a("--embed-lr-scale", type=float, default=3.0, help="the token embedding (= output head) learns at this x lr")
-    a("--warmup-steps", type=int, default=None, help="linear warmup length (default: a fifth of the steps)")
+    a("--warmup-steps", type=int, default=100, help="linear warmup length")
     a("--warmup-lr", type=float, default=1e-6, help="learning rate at step 0")
     a("--min-lr", type=float, default=None, help="floor of the cosine decay (default lr / 10)")
     a("--decay-steps", type=int, default=None, help="step where the cosine reaches min-lr (default: the last)")
@@ -369,11 +369,9 @@ def parse_args(argv=None):
     a("--peak-flops", type=float, default=None, help="FLOP/s per process for MFU (default: measured)")
     a("--wandb", action="store_true", help="also log to Weights & Biases (needs `pip install wandb`)")
     args = p.parse_args(argv)
-    for flag in ("batch_size", "eval_interval", "eval_windows"):
-        if getattr(args, flag) < 1:
+    for flag in ("batch_size", "warmup_steps", "eval_interval", "eval_windows"):
+        if getattr(args, flag) < (0 if flag == "warmup_steps" else 1):
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.warmup_steps is not None and args.warmup_steps < 0:
-        fail(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     for flag in ("max_steps", "micro_batch", "save_interval"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -471,9 +469,6 @@ def main(argv=None):
         n_easy = min(n, int(args.curriculum * args.max_steps * B))
         easy = np.argsort(chunk_score, kind="stable")[:n_easy]
         sampler = make_sampler(len(train_tokens), T, args.seed, easy)
-    # A long warmup: with beta2 = 0.99 Adam's second-moment estimate needs a few hundred steps
-    # to settle, and until it has, full-size steps go astray (see the README for measurements).
-    args.warmup_steps = args.max_steps // 5 if args.warmup_steps is None else args.warmup_steps
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.decay_steps = args.max_steps if args.decay_steps is None else args.decay_steps
     schedule = dict(lr=args.lr, warmup_steps=args.warmup_steps, warmup_lr=args.warmup_lr,
