@@ -189,14 +189,18 @@ class Classifier(nn.Module):
             w = model.wte.weight
             ids = torch.randint(model.config.vocab_used or w.size(0), (n_prompt,)).to(w.device)
             self.prompt = nn.Parameter(w[ids].detach().clone())
+            # the model's value embeddings are looked up by id: each prompt position keeps the
+            # id of the token it started from
+            self.register_buffer("prompt_ids", ids)
         self.head = nn.Linear(model.config.n_embd, n_classes).to(model.wte.weight.device)
 
     def forward(self, idx, mask):
         """idx (B, T) right-padded token ids, mask (B, T) True at real tokens -> logits (B, classes)."""
-        x = self.model.wte(idx)
+        x, ids = self.model.wte(idx), idx
         if self.prompt is not None:
             x = torch.cat((self.prompt.expand(idx.size(0), -1, -1), x), dim=1)
-        h, _ = self.model.body(x)
+            ids = torch.cat((self.prompt_ids.expand(idx.size(0), -1), idx), dim=1)
+        h, _ = self.model.body(x, ids)
         if self.prompt is not None:
             # the prompt positions come first, so (causal) they never see the text: their states
             # are the same for every input. Only the text positions carry evidence.

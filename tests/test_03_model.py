@@ -145,6 +145,7 @@ def test_init_scales_residual_projections():
     model = m.GPT(tiny(n_layer=8, n_embd=256, n_head=4))
     assert model.head.weight is model.wte.weight   # tied
     assert abs(model.wte.weight.std().item() - 0.02) < 1e-3
+    assert abs(model.blocks[0].attn.value_embed.weight.std().item() - 0.02) < 1e-3
     assert abs(model.blocks[0].attn.proj.weight.std().item() - 0.02 / 4) < 5e-4   # 1/sqrt(2*8)
     assert abs(model.blocks[0].mlp.down.weight.std().item() - 0.02 / 4) < 5e-4
 
