@@ -54,7 +54,9 @@ model_lib = importlib.import_module("03_model")
 
 # Parity criteria. fp32 must equal PyTorch up to summation order; the lossy graphs are judged by
 # the largest logit error relative to the largest |logit| (fp16 keeps ~3 significant digits,
-# int8 ~2) and by what matters downstream: the same most likely next token.
+# int8 ~2) and by what matters downstream: the same most likely next token on real text. On
+# random ids the model's next-token distribution is nearly flat, so a top-1 flip there is a
+# near-tie of no consequence: it is reported, not required (unless there is no real text).
 TOL_FP32 = 1e-4
 REL_TOL = {"fp16": 0.01, "int8": 0.05}
 MIN_TOP1 = 0.99
@@ -213,7 +215,9 @@ def convert_int8(src, dst):
     (Blocks of 32 kept the top-1 token at only 98.8% of random-token positions for the default
     model trained 2 epochs; 16 gave 100%, for a file 2% of fp32 larger.)
     Only MatMuls with a weight initializer are converted; the tied head reads the embedding
-    through a Transpose, so it (and the embedding) stay fp32.
+    through a Transpose, so it (and the embedding) stay fp32, and so do the value embeddings
+    (ONNX Runtime quantises a Gather's table to 4 bits only); for the default model the int8
+    file is 0.84 of fp32.
     """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -284,7 +288,7 @@ def ort_generate(sess, idx, max_new_tokens, config):
     return idx
 
 
-def real_windows(data_dir, config, n=4):
+def real_windows(data_dir, config, n=16):
     """Up to n windows of block_size tokens spread over DIR/02_tokenize/val.bin, or None."""
     tok = Path(data_dir) / "02_tokenize"
     if not (tok / "val.bin").is_file() or not (tok / "meta.json").is_file():
@@ -389,7 +393,7 @@ def write_report(folder, report):
           f"{report['fp16_checkpoint_max_abs_logit_diff']:.2e}.", "", "## Parity against PyTorch fp32\n",
           f"Tolerances: fp32 {TOL_FP32:g} absolute; fp16 {REL_TOL['fp16']:.0%} and int8 {REL_TOL['int8']:.0%} of "
           f"the largest |logit| of the reference; every graph must also pick PyTorch's top-1 token on "
-          f"at least {MIN_TOP1:.0%} of positions. "
+          f"at least {MIN_TOP1:.0%} of real-text positions (of random ones when there is no real text). "
           "KV graphs are run as a server runs them: prefill half the window, then one token per call.\n",
           "| graph | inputs | max abs logit diff | tolerance | same top-1 | pass |", "|---|---|---:|---:|---:|---|"]
     for r in report["parity"]:
@@ -455,7 +459,8 @@ def build(args, model, ckpt, ckpt_path, work, real, rng, prompt_len, gen_tokens,
 
     # 5. parity: PyTorch fp32 on the CPU is the reference for every graph. Random ids reach
     # every row of the embedding; real text gives the peaked distributions a trained model
-    # produces, where a flipped top-1 token would actually change what the user reads.
+    # produces, where a flipped top-1 token would actually change what the user reads: the
+    # top-1 requirement applies there (16 windows; 2,048 positions for the default model).
     # Full windows, so positions up to block_size - 1 (the largest rotary angles) are covered.
     inputs = {"random": rng.integers(0, cfg.vocab_used or cfg.vocab_size, (2, cfg.block_size))}
     if real is not None:
@@ -478,7 +483,7 @@ def build(args, model, ckpt, ckpt_path, work, real, rng, prompt_len, gen_tokens,
                     full32 = got if prec == "fp32" else full32
                 diff, agree = compare(ref, got)
                 t = TOL_FP32 if prec == "fp32" else REL_TOL[prec] * float(np.abs(ref).max())
-                ok = diff <= t and agree >= MIN_TOP1
+                ok = diff <= t and (agree >= MIN_TOP1 or kind == "random" and real is not None)
                 parity.append({"graph": f"{name}.onnx", "inputs": kind, "max_abs_diff": diff, "tolerance": t,
                                "top1_agree": agree, "pass": ok})
                 checks[f"{name}.onnx matches PyTorch on {kind} tokens"] = ok

@@ -271,3 +271,15 @@ def test_default_max_len_fits_a_short_context(data, tmp_path):
     L.main(["--data", str(d), "--methods", "head,prompt", "--steps", "1", "--n-prompt", "8", "--device", "cpu"])
     rep = json.loads((d / "06_finetune_lora" / "report.json").read_text())
     assert rep["args"]["max_len"] == 24 and set(rep["methods"]) == {"head", "prompt"}
+
+
+def test_paired_gain_counts_only_disagreements():
+    # 10 items: a right on 5, b right on those 5 and 3 more -> b_only 3, a_only 0
+    true = [0] * 10
+    a, b = [0] * 5 + [1] * 5, [0] * 8 + [1] * 2
+    d, low, high = L.paired_gain(true, a, b)
+    se = (3 - 0.9) ** 0.5 / 10   # sqrt(b_only + a_only - (b_only - a_only)^2 / n) / n
+    assert (d, low, high) == pytest.approx((0.3, 0.3 - 1.96 * se, 0.3 + 1.96 * se))
+    assert L.paired_gain(true, b, a) == pytest.approx((-0.3, -0.3 - 1.96 * se, -0.3 + 1.96 * se))
+    # items both get right (or both wrong) change nothing: same counts, twice the items
+    assert L.paired_gain(true * 2, a + [0] * 10, b + [0] * 10)[0] == pytest.approx(0.15)
