@@ -183,12 +183,17 @@ def test_metrics_on_a_hand_made_result_set():
 
 
 def test_threshold_fitted_in_the_middle_of_the_best_range():
-    # harmful at 0.6, 0.7, 0.9; benign at 0.1, 0.2, 0.3, 0.65: every cut in (0.3, 0.6] misses no
-    # attack and refuses 1 of 4 benign (error 0.25); a cut in (0.65, 0.7] misses 1 of 3 and refuses
-    # none (0.33). The best range is one cut wide: (0.3 + 0.6) / 2.
+    # harmful at 0.6, 0.7, 0.9; benign at 0.1, 0.2, 0.3, 0.65. Flagging from a cut in (0.3, 0.6]
+    # misses no attack and refuses 1 of 4 benign (the worse rate 0.25); from (0.65, 0.7], misses
+    # 1 of 3 and refuses none (0.33); from (0.6, 0.65], misses 1 of 3 and refuses 1 of 4 (0.33).
+    # The best range is one cut wide: (0.3 + 0.6) / 2.
     p = [0.6, 0.7, 0.9, 0.1, 0.2, 0.3, 0.65]
     harmful = [True] * 3 + [False] * 4
     assert safety.fit_threshold(p, harmful) == pytest.approx(0.45)
+    # interleaved: cutting below 0.3 refuses 1 benign of 4, cutting above it also misses 1 harmful
+    # of 4; both keep the worse rate at 1/4, and of the two best cuts the upper one is taken
+    assert safety.fit_threshold([0.9, 0.8, 0.55, 0.3, 0.6, 0.2, 0.1, 0.05], [True] * 4 + [False] * 4) \
+        == pytest.approx((0.3 + 0.55) / 2)
     # separable: every cut between 0.3 and 0.6 is perfect; the middle of them, not an edge
     assert safety.fit_threshold([0.6, 0.7, 0.9, 0.1, 0.2, 0.3], [True] * 3 + [False] * 3) == pytest.approx(0.45)
     assert safety.fit_threshold([0.9, 0.8], [True, True]) == 0.5   # one class: nothing to fit
