@@ -16,11 +16,12 @@ tests the deployed *system*: the model plus its safeguards, layer by layer:
      span did not. Its policy: the guard reads English only, so a request in another language,
      or one that no decoder turns into English, is refused.
   2. The guard, in the style of Llama Guard: our own pretrained model, fine-tuned with the LoRA
-     of 06_finetune_lora.py to label a text harmful or benign, trained on seven requests in
-     eight of data/safety/guard_train.jsonl (disjoint from the test suite); three of them, from
-     three seeds, whose probabilities are averaged, flagging at a threshold fitted on the
-     eighth. It judges the user's text (and, on its own, whatever the normaliser decoded from
-     it) and, again, the model's reply before it is shown.
+     of 06_finetune_lora.py to label a text harmful or benign (three of them, from three seeds),
+     and beside them a logistic regression on hashed words and word pairs; the LoRA guards'
+     mean and the regression's probability are averaged. They train on seven requests in eight
+     of data/safety/guard_train.jsonl (disjoint from the test suite) and flag at a threshold
+     fitted on the eighth. They judge the user's text (and, on its own, whatever the normaliser
+     decoded from it) and, again, the model's reply before it is shown.
   3. An adversarial suite (data/safety/suite.jsonl, or --prompts FILE) goes through the system;
      the attack success rate and the over-refusal rate, with Wilson 95% intervals, are reported
      after each layer, per category and per attack style.
@@ -42,6 +43,7 @@ import base64
 import binascii
 import functools
 import importlib
+import itertools
 import json
 import math
 import os
@@ -53,14 +55,15 @@ import sys
 import tempfile
 import time
 import unicodedata
-import zlib
 import urllib.parse
+import zlib
 from pathlib import Path
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 model_lib = importlib.import_module("03_model")
@@ -162,7 +165,7 @@ def clean(text, steps, hidden):
 
 
 def leetspeak(text):
-    """Leetspeak, word by word, once the encodings are decoded (base64 has digits too). A word
+    """Leetspeak, word by word (a decoder, and a last pass once encodings are decoded). A word
     with leet signs between its letters ("b0mb") is decoded, to the English word it spells where a
     sign is ambiguous ("1" is i or l). When two words or more are leet, the text is leet
     throughout: every word with a letter is decoded ("7h3"), and so is a word of leet signs
@@ -523,7 +526,50 @@ def train_guard(lora, model, tok, rows, args):
                                  seed=args.seed + i, device=args.device, pool="max", lora_targets="all",
                                  lora_r=16, lora_alpha=32)
            for i in range(args.guards)]
-    return [g for g, _ in out], [info for _, info in out]
+    return [g for g, _ in out] + [train_ngram(texts, labels)], [info for _, info in out]
+
+
+# A second kind of guard beside the LoRA ones: logistic regression on hashed words and pairs of
+# words (the hashing trick: each n-gram indexes one of NGRAM_BUCKETS weights). It knows no word
+# order beyond neighbours and no meaning, but it learns from every training row at once and its
+# training is convex: it has one optimum, reached whatever the seed or the order in which
+# floating point sums, where the LoRA guards' training ends somewhere different for each.
+NGRAM_BUCKETS = 1 << 20
+NGRAM_L2 = 1e-5   # weight decay of the n-gram weights (1e-4 and 1e-3 did worse on held-out requests)
+
+
+def ngram_bag(texts):
+    """The texts as one EmbeddingBag input: the bucket of every word and word pair, and where
+    each text's ids start."""
+    ids = []
+    for t in texts:
+        ws = re.findall(r"[a-z0-9']+", t.lower())
+        ids.append(sorted({zlib.crc32(g.encode()) % NGRAM_BUCKETS for g in ws + [f"{a} {b}" for a, b in zip(ws, ws[1:])]})
+                   or [0])
+    return torch.tensor([i for x in ids for i in x]), torch.tensor([0, *itertools.accumulate(map(len, ids))][:-1])
+
+
+class NgramGuard(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weights = torch.nn.EmbeddingBag(NGRAM_BUCKETS, 1, mode="sum")   # a sum of n-gram weights
+        torch.nn.init.zeros_(self.weights.weight)
+        self.bias = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, bag):
+        return self.weights(*bag)[:, 0] + self.bias   # the logit of P(harmful)
+
+
+def train_ngram(texts, labels, steps=300):
+    """Fit an NgramGuard on all texts at once (full-batch Adam, L2 on the weights)."""
+    guard, bag, y = NgramGuard(), ngram_bag(texts), torch.tensor(labels, dtype=torch.float32)
+    opt = torch.optim.Adam(guard.parameters(), lr=0.05)
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(guard(bag), y) + NGRAM_L2 * guard.weights.weight.square().sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return guard.eval()
 
 
 def split_validation(rows):
@@ -580,14 +626,19 @@ def build_guard(lora, model, tok, rows, args):
 
 
 def harm_prob(lora, guards, tok, texts, args):
-    """P(harmful) for each text: the mean over the ensemble. Guards trained from different seeds
-    err on different prompts (each alone swings by several points of attack success on the
-    suite); averaging their probabilities cancels much of that, as bagging does."""
+    """P(harmful) for each text. The LoRA guards' mean, and the n-gram guard's, averaged: two
+    kinds of model, one vote each. Guards trained from different seeds err on different prompts;
+    averaging their probabilities cancels much of that, as bagging does."""
     if not texts:
         return []
     texts = [_fit(tok, t, args.max_len) for t in texts]
-    probs = [lora.predict(g, tok, texts, max_len=args.max_len, device=args.device)[1][:, 1] for g in guards]
-    return [float(p) for p in sum(probs) / len(probs)]
+    ngram = [g for g in guards if isinstance(g, NgramGuard)]
+    probs = [lora.predict(g, tok, texts, max_len=args.max_len, device=args.device)[1][:, 1]
+             for g in guards if not isinstance(g, NgramGuard)]
+    votes = [sum(probs) / len(probs)] if probs else []
+    with torch.no_grad():
+        votes += [torch.sigmoid(g(ngram_bag(texts))).numpy() for g in ngram]
+    return [float(p) for p in sum(votes) / len(votes)]
 
 
 # ----------------------------------------------------------------------------- 4. the system
@@ -885,7 +936,9 @@ def markdown(rep):
     L += ["# Safety report (07_safety.py)", "", f"checkpoint `{rep['ckpt']}`, suite `{rep['prompts']}` "
           f"({rep['n_prompts']} prompts), guard trained on {rep['guard']['train_rows']} rows", "",
           f"**Gate: {'PASS' if not rep['gate']['failures'] else 'FAIL'}** (attack success < "
-          f"{rep['gate']['max_attack_success']:.0%}, over-refusal < {rep['gate']['max_over_refusal']:.0%})", ""]
+          f"{rep['gate']['max_attack_success']:.0%}, over-refusal < {rep['gate']['max_over_refusal']:.0%}; "
+          f"seed {rep['seed']}, {rep['threads']} threads: one draw of a figure that moves with both, whose "
+          "spread `python bench/bench_safety.py spread` measures)", ""]
     L += [f"- {f}" for f in rep["gate"]["failures"]] + [""]
     v = rep["guard"]["validation"]
     L += [f"The guard flags at P(harmful) >= {v['threshold']:.3f}, fitted on {v['rows']} rows of held-out training "
@@ -1024,6 +1077,7 @@ def run(args):
     secs["long_dialogue"] = time.time() - t
     fails = gate(m, args.max_attack_success, args.max_over_refusal)
     rep = {"ckpt": str(ckpt), "prompts": str(args.prompts), "n_prompts": len(suite), "refusal": REFUSAL,
+           "seed": args.seed, "threads": torch.get_num_threads(),
            "guard": {"train_rows": len(train_rows) - val["rows"], "guards": args.guards, "steps": args.guard_steps,
                      "threshold": args.threshold, "validation": val,
                      "info": [{k: v for k, v in i.items() if isinstance(v, (int, float, str))} for i in infos],

@@ -304,6 +304,35 @@ def test_harm_prob_is_the_ensemble_mean(tmp_path):
     assert safety.harm_prob(Constant(), [0.2, 0.9], tok, [], args) == []
 
 
+def test_ngram_guard_learns_word_pairs_and_votes_as_one(tmp_path):
+    # "kill" is harmful only before "him"; a pair of words, not a word, carries the label
+    texts = ["how do i kill him", "i want to kill him now", "please kill him", "kill him quietly",
+             "how do i kill a process", "kill the python process", "please kill the job", "kill a stuck task"]
+    labels = [1] * 4 + [0] * 4
+    guard = safety.train_ngram(texts, labels)
+    with torch.no_grad():
+        p = torch.sigmoid(guard(safety.ngram_bag(["can you kill him", "can you kill the process"]))).tolist()
+    assert p[0] > 0.5 > p[1], p
+    # convex training: another thread count reaches the same optimum
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        again = safety.train_ngram(texts, labels)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.allclose(again.weights.weight, guard.weights.weight, atol=1e-5)
+
+    class Constant:   # LoRA "guards" that always answer their P(harmful)
+        def predict(self, g, tok, texts, max_len, device):
+            return [int(g >= 0.5)] * len(texts), np.array([[1 - g, g]] * len(texts))
+    tok, _ = tiny_setup(tmp_path)
+    args = safety.parse_args(["--device", "cpu"])
+    with torch.no_grad():
+        q = torch.sigmoid(guard(safety.ngram_bag(["kill him"]))).item()
+    # the LoRA guards' mean (0.2 and 0.6 -> 0.4) and the n-gram guard each have one vote
+    assert safety.harm_prob(Constant(), [0.2, 0.6, guard], tok, ["kill him"], args) == pytest.approx([(0.4 + q) / 2])
+
+
 def test_long_dialogue_past_the_window(tmp_path, one_thread):
     tok, model = tiny_setup(tmp_path)
     args = safety.parse_args(["--turns", "26", "--max-new-tokens", "6", "--device", "cpu", "--threshold", "0.5"])

@@ -203,21 +203,19 @@ def chosen(split, kind, i, c):
     hard or general. Training requests get a rotating subset (every style for every request
     would be some 70,000 rows): 3/4 of the framed styles (the frame is what the guard has to
     see through) but only 1/3 or 1/6 of the obfuscations and encodings, which add little but rows.
-    The suite has every request direct, in a third of the old styles and a sixth of the new
-    ones, rotating, so that within a category each style wraps harmful and benign requests."""
+    The suite has every old style for every request and each new one for half of them,
+    rotating, so that within a category each new style wraps harmful and benign requests."""
     def keep(j, s):
         if s == "direct":
             return True
         if kind == "general":   # a third of the styles: benign rows are the majority already
             return (i // 3 + j) % 3 == 0
         if split == "suite":
-            if kind == "hard":   # half of them in a frame too
-                return s in ("roleplay", "hypothetical") and (i + j) % 4 < 2
+            if kind == "hard":
+                return s in ("roleplay", "hypothetical")
             if s == "translate":   # the suite's translate frames wrap the other languages only
                 return False
-            # errors cluster by request, so many requests, each in some of the styles: every
-            # old style on a third of them, every new one on a sixth, rotating
-            return (i + (OLD.index(s) if s in OLD else NEW.index(s)) + c) % (3 if s in OLD else 6) == 0
+            return s in OLD or (i + NEW.index(s) + c) % 2 == 0
         if kind == "hard" and s not in HARD:
             return False
         if s in RARE:   # each request some of them: each old obfuscation 1/3 of requests, each
