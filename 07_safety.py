@@ -397,7 +397,7 @@ def _read(text, depth):
         name = max(found, key=lambda n: (n in LAYERED, max(found[n])[0]))   # exact first
         steps.append(name)
         end = len(text)
-        for gain, s, e, reading in sorted(found[name], key=lambda x: (-x[2], -x[0])):   # from the end
+        for _, s, e, reading in sorted(found[name], key=lambda x: (-x[2], -x[0])):   # from the end
             if e <= end:   # spans that overlap one already taken are proposed again next round
                 payloads.append(_canonical(reading))
                 # a space between the reading and what stands beside it, but not before punctuation
@@ -518,7 +518,7 @@ def train_guard(lora, model, tok, rows, args):
         texts.append(guard_views(r["turns"], args.guard_window)[0])
         labels.append(int(r["label"] == "harmful"))
     texts = [_fit(tok, t, args.max_len) for t in texts]
-    # Choices measured on this project's data (see the README): adapters in every linear layer
+    # Choices measured on this project's data (docs/experiments.md): adapters in every linear layer
     # (rank 16), and max-pooled features, so that one harmful phrase decides however much
     # harmless framing ("translate this email...") surrounds it; a mean dilutes it.
     out = [lora.train_classifier(model, tok, texts, labels, method="lora", steps=args.guard_steps,
