@@ -437,6 +437,11 @@ def unsupported(text):
     return None
 
 
+def refused_by_policy(turns):
+    """The reason the policy refuses the first user turn it cannot read, or None."""
+    return next((u for u in map(unsupported, map(normalize, turns)) if u), None)
+
+
 # ----------------------------------------------------------------------------- 2. prompt files
 
 def read_jsonl(path, what):
@@ -678,8 +683,7 @@ def score_input(rows, lora, guards, tok, args):
     p_in = [0.0] * len(rows)
     for i, p in zip(owner, harm_prob(lora, guards, tok, texts, args)):
         p_in[i] = max(p_in[i], p)
-    why = [next((u for u in map(unsupported, map(normalize, r["turns"])) if u), None) for r in rows]
-    return why, p_in
+    return [refused_by_policy(r["turns"]) for r in rows], p_in
 
 
 def run_suite(rows, model, tok, lora, guards, args, desc):
@@ -830,7 +834,7 @@ def long_dialogue(model, tok, lora, guards, benign, harmful_split, args):
     turns, replies, log = [], [], []
     for t, msg in enumerate(tqdm(user, desc="long dialogue", leave=False)):
         turns.append(msg)
-        flagged = unsupported(normalize(msg)) is not None or \
+        flagged = refused_by_policy([msg]) is not None or \
             max(harm_prob(lora, guards, tok, guard_views(turns, args.guard_window), args)) >= args.threshold
         if flagged:
             replies.append(REFUSAL)
