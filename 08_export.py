@@ -182,6 +182,25 @@ def rmsnorm_statistics(graph):
     return keep
 
 
+def join_fp32_regions(graph, fp32_nodes):
+    """Make neighbouring fp32 nodes one fp32 region. The converter wraps each node it keeps in
+    fp32 in its own casts, fp32 -> fp16 after it and fp16 -> fp32 before the next, so x**2
+    would be rounded to fp16 (and overflow) between Pow and ReduceMean after all. Where a Cast
+    to fp32 reads a Cast to fp16 of an fp32 node's output, its readers read that output."""
+    import onnx
+    to = lambda n: next(a.i for a in n.attribute if a.name == "to")
+    producer = {o: n for n in graph.node for o in n.output}
+    renamed = {}
+    for n in graph.node:
+        src = producer.get(n.input[0]) if n.op_type == "Cast" and to(n) == onnx.TensorProto.FLOAT else None
+        if src is not None and src.op_type == "Cast" and to(src) == onnx.TensorProto.FLOAT16 \
+                and getattr(producer.get(src.input[0]), "name", None) in fp32_nodes:
+            renamed[n.output[0]] = src.input[0]
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            n.input[i] = renamed.get(name, name)
+
+
 def convert_fp16(src, dst):
     """An fp16 copy of an fp32 graph, with fp32 inputs and outputs so every graph is fed alike.
 
@@ -192,9 +211,11 @@ def convert_fp16(src, dst):
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
     m = onnx.load(str(src))
-    m16 = convert_float_to_float16(m, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST,
-                                   node_block_list=rmsnorm_statistics(m.graph))
+    keep = rmsnorm_statistics(m.graph)
+    m16 = convert_float_to_float16(m, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST, node_block_list=keep)
+    join_fp32_regions(m16.graph, set(keep) | {n.name for n in m.graph.node if n.op_type in DEFAULT_OP_BLOCK_LIST})
     om = OnnxModel(m16)
+    om.prune_graph()   # the Casts that no node reads any more
     om.topological_sort()   # the converter appends its Cast nodes at the end; ONNX wants order
     del om.model.graph.value_info[:]   # stale fp32 type annotations; the checker re-infers them
     onnx.save(om.model, str(dst))

@@ -165,3 +165,20 @@ def test_bad_checkpoint(tmp_path):
     r = run("08_export", "--data", tmp_path, "--ckpt", good, "--prompt-len", "30", "--decode-tokens", "8")
     assert r.returncode == 2 and "--prompt-len" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "08_export").exists()
+
+
+@pytest.mark.parametrize("big", [300.0, 3000.0])
+def test_fp16_graph_survives_a_large_activation_channel(tmp_path, big):
+    # Trained transformers carry a few residual channels in the hundreds or thousands. x**2 of
+    # such a channel overflows fp16 (max 65504): RMSNorm's mean of squares must run in fp32.
+    torch.manual_seed(0)
+    model = m.GPT(CFG).eval()
+    with torch.no_grad():
+        model.head.weight = torch.nn.Parameter(model.wte.weight.clone())   # untied: logits stay as they were
+        model.wte.weight[:, 5] = big   # one residual channel, large at every position
+    ex.export_onnx(model, tmp_path / "model.onnx", with_cache=False)
+    ex.convert_fp16(tmp_path / "model.onnx", tmp_path / "model_fp16.onnx")
+    ids = np.random.default_rng(0).integers(0, CFG.vocab_used, (2, CFG.block_size))
+    ref = model(torch.from_numpy(ids))[0].detach().numpy()
+    got = session(tmp_path / "model_fp16.onnx").run(None, {"input_ids": ids})[0]
+    assert np.isfinite(got).all() and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
