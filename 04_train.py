@@ -319,10 +319,12 @@ def save_plots(metrics, folder):
 
 # ----------------------------------------------------------------------------- main
 
-# Flags that define the run's maths: --resume restores them from the checkpoint, so a resumed
-# run is the same run. Everything else (device, threads, logging) may change between runs.
+# Flags that define the run's maths, and which step's model becomes ckpt.pt (the evaluation
+# schedule): --resume restores them from the checkpoint, so a resumed run is the same run and
+# writes the same files. Everything else (device, threads, logging) may change between runs.
 RUN_FLAGS = ("batch_size", "lr", "embed_lr_scale", "min_lr", "warmup_steps", "warmup_lr", "decay_steps", "weight_decay",
-             "beta1", "beta2", "eps", "clip", "clip_mode", "dtype", "seed", "curriculum", "max_steps")
+             "beta1", "beta2", "eps", "clip", "clip_mode", "dtype", "seed", "curriculum", "max_steps",
+             "eval_interval", "eval_windows")
 
 
 def parse_args(argv=None):

@@ -42,6 +42,22 @@ def test_causality():
         assert not torch.allclose(logits[:, t:], logits2[:, t:])
 
 
+def test_rope_is_a_rotation_by_relative_position():
+    # RoPE's defining properties: each position rotates q and k (norms unchanged), and q.k
+    # then depends on the distance between the two positions alone, not on where they sit.
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+    cos, sin = m.rope_cos_sin(torch.arange(64), 16, 10000.0, torch.float32)
+    at = lambda x, p: m.apply_rope(x, cos[p], sin[p])
+    assert torch.allclose(at(q, 0), q)   # position 0: no rotation
+    for p in (1, 7, 63):
+        assert torch.allclose(at(q, p).norm(), q.norm(), atol=1e-5)
+    for dist in (0, 3, 20):
+        dots = [(at(q, p + dist) * at(k, p)).sum() for p in (0, 5, 40)]
+        assert torch.allclose(torch.stack(dots), dots[0].expand(3), atol=1e-4)
+    assert not torch.allclose((at(q, 3) * at(k, 0)).sum(), (at(q, 0) * at(k, 3)).sum(), atol=1e-3)
+
+
 def test_past_kv_matches_full_forward():
     model = make()
     idx = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(2))

@@ -182,10 +182,12 @@ def _copy_inputs(src, dst):
 
 
 def test_ddp_two_processes_equal_one_process(data, tmp_path):
-    """torchrun, 2 ranks x micro-batch 2 = one process x 2 micro-steps of 2: same losses."""
+    """torchrun, 2 ranks x 2 micro-steps of 2 = one process x 4 micro-steps of 2: same losses."""
     for d in ("single", "ddp"):
         _copy_inputs(data, tmp_path / d)
-    args = [*FAST, "--max-steps", "6", "--micro-batch", "2", "--eval-interval", "3"]
+    # batch 8: 2 ranks x 2 micro-steps against 1 x 4, so a sequence index that forgets the
+    # world size would make the ranks read overlapping windows and the losses differ
+    args = [*FAST, "--max-steps", "6", "--batch-size", "8", "--micro-batch", "2", "--eval-interval", "3"]
     r1 = run("04_train", "--data", tmp_path / "single", *args)
     assert_ok(r1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -193,8 +195,8 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
     r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert_ok(r2)
-    assert "2 process(es) x micro-batch 2 x 1 accumulation" in r2.stdout
-    assert "1 process(es) x micro-batch 2 x 2 accumulation" in r1.stdout
+    assert "2 process(es) x micro-batch 2 x 2 accumulation" in r2.stdout
+    assert "1 process(es) x micro-batch 2 x 4 accumulation" in r1.stdout
     single, ddp = read_metrics(tmp_path / "single" / "04_train"), read_metrics(tmp_path / "ddp" / "04_train")
     assert len(single) == len(ddp) == 6
     for a, b in zip(single, ddp):
@@ -207,7 +209,9 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(data, tmp_path):
-    args = [*FAST, "--max-steps", "12", "--dtype", "fp32"]
+    # A learning rate high enough that validation loss is lowest early (step 2 of 12 here): the
+    # best checkpoint is then not the last one, so a resume must also restore the best loss so far.
+    args = [*FAST, "--max-steps", "12", "--dtype", "fp32", "--lr", "3e-2", "--eval-interval", "2"]
     straight, parts = _copy_inputs(data, tmp_path / "a"), _copy_inputs(data, tmp_path / "b")
     assert_ok(run("04_train", "--data", straight, *args))
     r = run("04_train", "--data", parts, *args, "--stop-at", "6")
@@ -221,6 +225,9 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert [m["loss"] for m in read_metrics(straight / "04_train")] == [m["loss"] for m in read_metrics(parts / "04_train")]
+    best_a, best_b = (torch.load(d / "04_train" / "ckpt.pt", weights_only=True) for d in (straight, parts))
+    assert best_a["step"] == best_b["step"] < 12
+    assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in best_a["model"])
     ckpt = torch.load(parts / "04_train" / "ckpt.pt", weights_only=True)
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     model, _ = model_lib.load_model(parts / "04_train" / "ckpt.pt")  # later stages can read it

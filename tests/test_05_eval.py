@@ -139,18 +139,19 @@ def test_bits_per_byte_agrees_with_loss_and_counts(evaluated):
 
 
 def test_bigram_baseline_is_exact_on_a_hand_counted_corpus(tmp_path):
-    # train.bin = a b a b EOT b a EOT (8 tokens). As a left token: a 3 times (ab, ab, a EOT),
-    # b 3 times (ba, b EOT, ba). val.bin = a b EOT: the targets are b after a, EOT after b.
-    folder = write_tokenized(tmp_path, [("abab", "s", None), ("ba", "s", None)], [("ab", "s", None)])
+    # train.bin = a a b EOT b b EOT (7 tokens), not symmetric, so pairs counted backwards would
+    # give other counts: after a come a and b (once each), after b EOT twice and b once.
+    # val.bin = a b EOT: the targets are b after a, EOT after b.
+    folder = write_tokenized(tmp_path, [("aab", "s", None), ("bb", "s", None)], [("ab", "s", None)])
     save_model(tmp_path / "ckpt.pt")
     ev.main(["--data", str(folder), "--threads", "1", "--ckpt", str(tmp_path / "ckpt.pt"), "--add-k", "0.5", "--mc-items", "0",
              "--gen-tokens", "2", "--speed-tokens", "2", "--temperatures", "0"])
     base = json.loads((folder / "05_eval" / "report.json").read_text())["baselines"]
     V, k = 257, 0.5
-    p_b_after_a = (2 + k) / (3 + k * V)    # "a b" twice
-    p_eot_after_b = (1 + k) / (3 + k * V)  # "b EOT" once
+    p_b_after_a = (1 + k) / (2 + k * V)    # "a b" once of the two pairs that start with a
+    p_eot_after_b = (2 + k) / (3 + k * V)  # "b EOT" twice of the three pairs that start with b
     assert base["bigram"]["loss"] == pytest.approx(-(math.log(p_b_after_a) + math.log(p_eot_after_b)) / 2, rel=1e-12)
-    p_b, p_eot = (3 + k) / (8 + k * V), (2 + k) / (8 + k * V)  # unigram: b 3 times, EOT twice
+    p_b, p_eot = (3 + k) / (7 + k * V), (2 + k) / (7 + k * V)  # unigram: b 3 times, EOT twice
     assert base["unigram"]["loss"] == pytest.approx(-(math.log(p_b) + math.log(p_eot)) / 2, rel=1e-12)
     # 2 tokens scored, 1 byte of text ("b"; <|endoftext|> stands for no text)
     assert (base["bigram"]["tokens"], base["bigram"]["bytes"]) == (2, 1)

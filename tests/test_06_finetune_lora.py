@@ -200,6 +200,19 @@ def test_adapter_file_reproduces_the_finetuned_classifier(tok, tmp_path):
         L.load_adapter(m.GPT(dataclasses.replace(m.PRESETS["tiny"], n_embd=32)), tmp_path / "adapter.pt")
 
 
+@pytest.mark.parametrize("pool", ["max", "mean", "last"])
+def test_prediction_does_not_depend_on_its_batch(tok, pool):
+    # A text's class probabilities are the same alone as beside longer texts, whose padding
+    # it then shares: pooling must read the real tokens only, whatever the pooling.
+    texts, labels = texts_labels()
+    clf, _ = L.train_classifier(tiny_model(), tok, texts, labels, "lora", steps=5, lr=1e-2, pool=pool,
+                                **{k: v for k, v in TRAIN_KW.items() if k != "n_prompt"})
+    short = "The cat."
+    alone = L.predict(clf, tok, [short], max_len=24)[1]
+    padded = L.predict(clf, tok, [short, texts[0], texts[1] + " " + texts[2]], max_len=24)[1][:1]
+    torch.testing.assert_close(torch.tensor(padded), torch.tensor(alone), atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- the stage
 
 def test_stage_end_to_end(data, tok):

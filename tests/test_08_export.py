@@ -103,8 +103,9 @@ def test_parity_with_pytorch(exported, name):
         diff = np.abs(got - ref).max()
         agree = (got.argmax(-1) == ref.argmax(-1)).mean()
         if name.endswith(("fp16", "int8")):
-            # stated tolerances; and a lossy graph must still be lossy, not a copy of fp32
-            assert 0 < diff <= ex.REL_TOL[name[-4:]] * np.abs(ref).max() and agree >= 0.99
+            # the README's tolerances, written out here rather than read from the script (a typo
+            # there must fail here); and a lossy graph must still be lossy, not a copy of fp32
+            assert 0 < diff <= {"fp16": 0.01, "int8": 0.05}[name[-4:]] * np.abs(ref).max() and agree >= 0.99
         else:
             assert diff <= 1e-4
 
