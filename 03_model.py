@@ -16,7 +16,7 @@ In:  nothing (a preset name, and the vocabulary size from data/02_tokenize/meta.
 Out: data/03_model/config.json (the GPTConfig fields + "preset") and summary.json, plus a printed
      summary: parameters per part, FLOPs per token, memory for weights, gradients, AdamW state.
 
-Public API used by later stages: GPTConfig, PRESETS, GPT, load_model, save_checkpoint,
+Public API used by later stages: GPTConfig, PRESETS, GPT, load_model,
 num_params, flops_per_token. Deliberately left out: grouped-query attention, mixture of
 experts, weight-decay grouping and optimisers (that is 04_train.py's business).
 """
@@ -24,15 +24,14 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import common
 
 
 # ----------------------------------------------------------------------------- config
@@ -361,82 +360,23 @@ def flops_per_token(config, seq_len=None):
     return 6 * n + 12 * L * d * seq_len
 
 
-def _strip_prefixes(state_dict):
-    # torch.compile wraps the model as "_orig_mod.", DDP as "module."; neither belongs on disk
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
-def save_checkpoint(obj, path):
-    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = {**obj, "model": _strip_prefixes(obj["model"])}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def replace_dir(tmp, out):
-    """Swap a finished output folder `tmp` into place as `out`; the previous `out` is removed
-    only after the swap, so a crash at any point leaves one complete folder, never half of one."""
-    old = out.with_name(f".{out.name}.old{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def load_model(path, device="cpu", dtype=torch.float32):
     """Load a checkpoint {"model": state_dict, "config": dict} -> (GPT in eval mode, ckpt dict).
 
     Half-precision weights (e.g. 08_export's fp16 checkpoint) are cast to `dtype` (fp32 by
-    default; dtype=None keeps what is stored). Any problem raises ValueError with one line.
+    default; dtype=None keeps what is stored). A file that is not such a checkpoint, or whose
+    weights do not fit its config, raises common.UserError naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path}: no such file")
+    ckpt = common.load_checkpoint(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path}: not a readable PyTorch checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
-        raise ValueError(f"checkpoint {path}: expected a dict with 'model' (state dict) and 'config' (dict)")
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    missing = [f for f in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd") if f not in ckpt["config"]]
-    if missing:
-        raise ValueError(f"checkpoint {path}: config lacks {', '.join(missing)}")
-    try:
-        config = GPTConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint {path}: bad config: {e}") from None
-    model = GPT(config)
-    sd = _strip_prefixes(ckpt["model"])
-    expected = model.state_dict()
-    for k, v in expected.items():
-        if k not in sd:
-            raise ValueError(f"checkpoint {path}: state dict lacks {k}")
-        if not torch.is_tensor(sd[k]) or sd[k].shape != v.shape:
-            got = tuple(sd[k].shape) if torch.is_tensor(sd[k]) else type(sd[k]).__name__
-            raise ValueError(f"checkpoint {path}: {k} has shape {got}, config expects {tuple(v.shape)}")
-    extra = sorted(set(sd) - set(expected))
-    if extra:
-        raise ValueError(f"checkpoint {path}: unexpected key {extra[0]} (and {len(extra) - 1} more)")
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    else:
-        model.to(next(iter(sd.values())).dtype)
-    model.load_state_dict(sd)
+        fields = {f.name for f in dataclasses.fields(GPTConfig)}
+        model = GPT(GPTConfig(**{k: v for k, v in ckpt["config"].items() if k in fields}))
+        sd = common.strip_prefixes(ckpt["model"])
+        model.to(next(iter(sd.values())).dtype if dtype is None else dtype)
+        model.load_state_dict(sd)   # strict: any missing, unexpected or misshapen weight is named
+    except Exception as e:   # no "config" or "model", a bad config, weights that do not fit it
+        why = " ".join(str(e).split())   # load_state_dict's report spans lines: make it one
+        raise common.UserError(f"{path}: not a checkpoint of this GPT ({type(e).__name__}: {why[:300]})") from None
     return model.to(device).eval(), ckpt
 
 
@@ -464,37 +404,36 @@ def summarize(config):
     }
 
 
-def _die(msg):
-    print(f"03_model.py: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def main():
-    ap = argparse.ArgumentParser(description="Choose a GPT architecture: print its size and cost, "
-                                             "write data/03_model/config.json.")
+def parse_args(argv=None):
+    ap = common.ArgumentParser(description="Choose a GPT architecture: print its size and cost, "
+                                           "write data/03_model/config.json.")
     ap.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                     help=f"model size (default {DEFAULT_PRESET})")
     ap.add_argument("--data", default="data", help="data folder (default: data)")
-    ap.add_argument("--vocab-size", type=int, default=None,
+    ap.add_argument("--vocab-size", type=common.positive_int, default=None,
                     help="vocabulary size when data/02_tokenize/meta.json is absent (or larger)")
     for f in ("block_size", "n_layer", "n_head", "n_embd"):
-        ap.add_argument("--" + f.replace("_", "-"), type=int, default=None, help=f"override the preset's {f}")
-    ap.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
-    args = ap.parse_args()
+        ap.add_argument("--" + f.replace("_", "-"), type=common.positive_int, default=None,
+                        help=f"override the preset's {f}")
+    ap.add_argument("--dropout", type=common.fraction, default=None, help="override the preset's dropout")
+    return ap.parse_args(argv)
 
+
+def run(argv=None):
+    args = parse_args(argv)
     # The vocabulary comes from the tokenizer when one exists, so the model always fits it.
     meta_path = Path(args.data) / "02_tokenize" / "meta.json"
     vocab = None
     if meta_path.exists():
         try:
             vocab = int(json.loads(meta_path.read_text())["vocab_size"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            _die(f"{meta_path}: unreadable meta ({type(e).__name__}: {e})")
+        except (ValueError, KeyError, TypeError) as e:
+            raise common.UserError(f"{meta_path}: unreadable ({type(e).__name__}: {e})") from None
+        if vocab < 1:
+            raise common.UserError(f"{meta_path}: vocab_size must be positive, got {vocab}")
     if args.vocab_size is not None:
-        if args.vocab_size < 1:
-            _die(f"--vocab-size must be positive, got {args.vocab_size}")
         if vocab is not None and args.vocab_size < vocab:
-            _die(f"--vocab-size {args.vocab_size} is smaller than the tokenizer's {vocab} ({meta_path})")
+            raise common.UserError(f"--vocab-size {args.vocab_size} is smaller than the tokenizer's {vocab} ({meta_path})")
         vocab = args.vocab_size
     used = vocab or 0
     # Pad the embedding to a multiple of 64: matmul kernels work in tiles, and a ragged last
@@ -505,8 +444,8 @@ def main():
                  if getattr(args, f) is not None}
     try:
         config = dataclasses.replace(PRESETS[args.preset], vocab_size=padded, vocab_used=used, **overrides)
-    except ValueError as e:
-        _die(str(e))
+    except ValueError as e:   # sizes that do not fit together, e.g. --n-embd 100 --n-head 3
+        raise common.UserError(f"--preset {args.preset} with {overrides}: {e}") from None
 
     s = summarize(config)
     mib = lambda b: f"{b / 2**20:,.1f} MiB"
@@ -522,14 +461,15 @@ def main():
           f"AdamW {mib(s['bytes_adamw'])} = {mib(16 * s['params_total'])} (+ activations)")
     print(f"  KV cache per sequence (full window, fp32): {mib(s['bytes_kv_cache_per_sequence'])}")
 
-    # write both files into a temporary folder, then swap it into place
     out = Path(args.data) / "03_model"
-    tmp = out.with_name(f".03_model.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "preset": args.preset}, indent=2) + "\n")
-    (tmp / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
-    replace_dir(tmp, out)
+    with common.output_dir(out) as tmp:   # both files, or neither
+        (tmp / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "preset": args.preset}, indent=2) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     print(f"wrote {out / 'config.json'} and {out / 'summary.json'}")
+
+
+def main(argv=None):
+    common.main(__file__, run, argv)
 
 
 if __name__ == "__main__":

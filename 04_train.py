@@ -46,6 +46,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import common
+
 model_lib = importlib.import_module("03_model")
 
 
@@ -539,7 +541,7 @@ def main(argv=None):
         # rank 0 writes; every rank's RNG was seeded from (seed, step, rank), so rank 0's
         # generator state is all a resume needs (it is kept for code that draws outside it)
         if master:
-            model_lib.save_checkpoint({
+            common.save_checkpoint({
                 "model": raw_model.state_dict(), "config": dataclasses.asdict(config),
                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "data": {"windows_seen": step * B, "epoch": step * B / sampler.n_chunks},
@@ -573,7 +575,7 @@ def main(argv=None):
             if val < best_val:
                 best_val = val
                 if master:
-                    model_lib.save_checkpoint({"model": raw_model.state_dict(), "config": dataclasses.asdict(config),
+                    common.save_checkpoint({"model": raw_model.state_dict(), "config": dataclasses.asdict(config),
                                                "step": step, "val_loss": val, "args": run_args}, work / "ckpt.pt")
         if step >= args.max_steps:
             break
@@ -657,7 +659,7 @@ def main(argv=None):
         log_file.close()
         save_plots(metrics, work)
         (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        model_lib.replace_dir(work, out)   # the previous run is removed only after the swap
+        common.replace_dir(work, out)   # the previous run is removed only after the swap
         print(f"\n{'steps':<26}{step}\n{'epochs':<26}{summary['epochs']:.2f}\n"
               f"{'final train loss':<26}{loss_val:.4f}\n{'val loss (whole split)':<26}{val_full:.4f}\n"
               f"{'val bits per byte':<26}{bpb:.4f}\n{'tokens/s (median)':<26}{summary['tok_per_s'] or 0:,.0f}\n"

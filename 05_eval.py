@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
+
 model_lib = importlib.import_module("03_model")
 tok_lib = importlib.import_module("02_tokenize")
 
@@ -499,7 +501,7 @@ def write_outputs(report, out):
                     for text in g["samples"]:
                         f.write(f"=== {m['name']} | temperature {t}\n{text}\n\n")
         write_plots(report, tmp)
-        model_lib.replace_dir(tmp, out)
+        common.replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -41,6 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
+
 model_lib = importlib.import_module("03_model")
 
 METHODS = ("head", "lora", "full", "prompt")
@@ -345,7 +347,7 @@ def save_adapter(classifier, path):
     """Write a LoRA classifier's adapter + head + settings (no base weights) atomically."""
     if classifier.method != "lora":
         raise ValueError("save_adapter needs a classifier trained with method='lora'")
-    model_lib.save_checkpoint({"lora": lora_state_dict(classifier.model), "lora_config": classifier.lora,
+    common.save_checkpoint({"lora": lora_state_dict(classifier.model), "lora_config": classifier.lora,
                                "head": classifier.head.state_dict(), "classes": classifier.classes,
                                "pool": classifier.pool}, path)
 
@@ -570,7 +572,7 @@ def main(argv=None):
                     before = clf(idx, mask)
                     merge_lora(clf.model)
                     extra["merge_max_abs_diff"] = float((clf(idx, mask) - before).abs().max())
-                model_lib.save_checkpoint({"model": clf.model.state_dict(), "config": vars(base.config).copy(),
+                common.save_checkpoint({"model": clf.model.state_dict(), "config": vars(base.config).copy(),
                                            "classifier": {"head": clf.head.state_dict(), "classes": classes,
                                                           "pool": args.pool, "max_len": args.max_len},
                                            "base": str(ckpt_path)}, tmp / "merged.pt")
@@ -629,7 +631,7 @@ def main(argv=None):
         lines += ["", "![confusion matrices](confusion.png)", "", "![training loss](loss.png)", ""]
         (tmp / "report.md").write_text("\n".join(lines))
 
-        model_lib.replace_dir(tmp, out)
+        common.replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()

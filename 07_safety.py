@@ -66,6 +66,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
+
 model_lib = importlib.import_module("03_model")
 tok_lib = importlib.import_module("02_tokenize")
 
@@ -986,7 +988,7 @@ def write_outputs(out, rep, results, bias, dlg):
         (tmp / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
         (tmp / "report.md").write_text(markdown(rep))
         plots(rep["metrics"], bias, dlg, tmp)
-        model_lib.replace_dir(tmp, out)
+        common.replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

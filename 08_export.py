@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import common
+
 model_lib = importlib.import_module("03_model")
 
 # Parity criteria. fp32 must equal PyTorch up to summation order; the lossy graphs are judged by
@@ -80,7 +82,7 @@ def save_fp16_checkpoint(model, ckpt, path):
     """
     half = copy.deepcopy(model).half()
     out = {"model": half.state_dict(), "config": ckpt["config"], "dtype": "float16"}
-    model_lib.save_checkpoint(out, path)   # atomic: temporary name, then rename
+    common.save_checkpoint(out, path)   # atomic: temporary name, then rename
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "config": ckpt["config"], "dtype": "float32"}, buf)
     return path.stat().st_size, buf.tell()
@@ -623,7 +625,7 @@ def main(argv=None):
     work.mkdir(parents=True)
     try:
         report = build(args, model, ckpt, ckpt_path, work, real, rng, prompt_len, gen_tokens, providers)
-        model_lib.replace_dir(work, out)
+        common.replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402  (beside the scripts, found through ROOT)
 model_lib = importlib.import_module("03_model")
 
 
@@ -43,7 +44,7 @@ def main():
             torch.manual_seed(0)
             model = model_lib.GPT(config)
             ckpt = Path(tmp) / "ckpt.pt"
-            model_lib.save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(config)}, ckpt)
+            common.save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(config)}, ckpt)
         cmd = [sys.executable, str(ROOT / "08_export.py"), "--data", tmp, "--ckpt", str(ckpt),
                "--threads", str(args.threads), "--repeats", str(args.repeats), "--device", "cpu"]
         r = subprocess.run(cmd, capture_output=True, text=True)

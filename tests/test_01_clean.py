@@ -121,6 +121,11 @@ def test_good_prose_passes_quality_filters():
     assert clean.quality_problem(prose(0), opts()) is None
 
 
+def test_distinct_lines_are_not_repeated_lines():
+    # the rule counts lines that repeat an earlier one: four different lines repeat none
+    assert clean.quality_problem("\n".join(prose(i, 24) for i in range(4)), opts()) is None
+
+
 def test_minhash_estimates_jaccard():
     a, b = clean.minhash_params(256)
     base = prose(1, 300)
@@ -131,6 +136,22 @@ def test_minhash_estimates_jaccard():
         s2 = clean.minhash(clean.shingles(other, 5, ids), a, b)
         # 256 hash functions: the estimate's standard deviation is at most 0.5/16 ~ 0.03
         assert abs((s1 == s2).mean() - jaccard(base, other)) < 0.1
+
+
+def test_lsh_shape_catches_the_threshold_and_not_half_of_it():
+    # P(candidate) = 1 - (1 - s^rows)^bands: high at the threshold, below 1/2 at half of it
+    for num_perm, threshold in ((128, 0.7), (256, 0.8), (128, 0.5)):
+        bands, rows = clean.lsh_shape(num_perm, threshold)
+        p = lambda s: 1 - (1 - s ** rows) ** bands
+        assert bands * rows == num_perm and p(threshold) > 0.8 and p(threshold / 2) < 0.5
+
+
+def test_near_dedup_threshold_is_inclusive():
+    # a pair whose similarity equals --threshold is a duplicate: at 1, copies that differ only
+    # in case and punctuation (the same shingles) go, a different text stays
+    docs = [prose(1), prose(1).upper().replace(".", "!"), prose(2)]
+    kept = clean.near_dedup([{"text": d} for d in docs], opts(threshold=1.0), {"examples": []})
+    assert [d["text"] for d in kept] == [docs[0], docs[2]]
 
 
 def test_near_dedup_matches_brute_force():

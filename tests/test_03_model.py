@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import common
 from conftest import load, run
 
 m = load("03_model")
@@ -56,6 +57,25 @@ def test_rope_is_a_rotation_by_relative_position():
         dots = [(at(q, p + dist) * at(k, p)).sum() for p in (0, 5, 40)]
         assert torch.allclose(torch.stack(dots), dots[0].expand(3), atol=1e-4)
     assert not torch.allclose((at(q, 3) * at(k, 0)).sum(), (at(q, 0) * at(k, 3)).sum(), atol=1e-3)
+
+
+def test_rope_angles_are_position_times_the_paper_frequencies():
+    # RoPE's frequencies: pair i of a d-channel head turns by p * base^(-2i/d) at position p
+    d, base = 16, 10000.0
+    cos, sin = m.rope_cos_sin(torch.arange(50), d, base, torch.float32)
+    ref = torch.tensor([[p * base ** (-2 * i / d) for i in range(d // 2)] for p in range(50)])
+    torch.testing.assert_close(cos, ref.cos(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sin, ref.sin(), atol=1e-5, rtol=0)
+
+
+def test_rmsnorm_divides_by_the_root_mean_square():
+    # y = x / sqrt(mean(x^2) + eps) * weight, over the last axis only
+    norm = m.RMSNorm(8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 9.0))
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0)) * 7
+    ref = torch.stack([torch.stack([v / (sum(float(e) ** 2 for e in v) / 8 + 1e-6) ** 0.5 for v in row]) for row in x])
+    torch.testing.assert_close(norm(x), ref * torch.arange(1.0, 9.0), atol=1e-5, rtol=1e-5)
 
 
 def test_past_kv_matches_full_forward():
@@ -134,6 +154,17 @@ def test_sampling_filters_and_padding_mask():
         model.generate(prompt[:, :0], 1)
 
 
+def test_temperature_divides_the_logits():
+    # sampling at temperature t draws from softmax(logits / t): the same draw as torch's own
+    # multinomial on those probabilities, with the same random stream
+    model = make()
+    logits = torch.randn(64, 512, generator=torch.Generator().manual_seed(9)) * 3
+    for t in (0.5, 2.0):
+        got = model._sample(logits.clone(), t, None, None, torch.Generator().manual_seed(1))
+        want = torch.multinomial((logits / t).softmax(-1), 1, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(got, want)
+
+
 def test_overfits_one_batch():
     torch.manual_seed(0)
     model = m.GPT(tiny())
@@ -189,7 +220,7 @@ def test_load_model_roundtrip_and_errors(tmp_path):
     ref = model(idx)[0]
     # a compiled model's prefix is stripped, fp16 weights are cast up to fp32
     sd = {"_orig_mod." + k: v.half() for k, v in model.state_dict().items()}
-    m.save_checkpoint({"model": sd, "config": cfg, "step": 3}, tmp_path / "ck.pt")
+    common.save_checkpoint({"model": sd, "config": cfg, "step": 3}, tmp_path / "ck.pt")
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())   # no temp file left
     loaded, ck = m.load_model(tmp_path / "ck.pt")
     assert ck["step"] == 3 and all(k[:1] != "_" for k in ck["model"])
@@ -208,13 +239,13 @@ def test_load_model_roundtrip_and_errors(tmp_path):
         assert "\n" not in str(e.value) and str(p) in str(e.value)
         return str(e.value)
 
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(ValueError, match="not found"):
         m.load_model(tmp_path / "nope.pt")
     err(raw=b"not a checkpoint at all")
     good = model.state_dict()
-    assert "lacks" in err({"model": {k: v for k, v in good.items() if "mlp.up" not in k}, "config": cfg})
-    assert "shape" in err({"model": good, "config": {**cfg, "n_embd": 32}})
-    assert "unexpected" in err({"model": {**good, "extra.weight": torch.zeros(1)}, "config": cfg})
+    assert "Missing key" in err({"model": {k: v for k, v in good.items() if "mlp.up" not in k}, "config": cfg})
+    assert "size mismatch" in err({"model": good, "config": {**cfg, "n_embd": 32}})
+    assert "Unexpected key" in err({"model": {**good, "extra.weight": torch.zeros(1)}, "config": cfg})
     err({"model": good})
     err({"model": good, "config": {**cfg, "n_head": 3}})
 

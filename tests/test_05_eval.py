@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 from conftest import load, run
 
 ev = load("05_eval")
@@ -52,7 +53,7 @@ def write_tokenized(folder, train_docs, val_docs):
 def save_model(path, config=TINY, seed=0):
     torch.manual_seed(seed)
     model = model_lib.GPT(config)
-    model_lib.save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(config)}, path)
+    common.save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(config)}, path)
     return model
 
 
@@ -186,6 +187,20 @@ def test_benchmark_is_deterministic_and_has_a_fair_answer_slot(evaluated):
         assert len(seq) <= 32
     # cuts fall before a word (a token starting with a space) unless a passage has none in range
     assert np.mean([word[c[0]] for x in a for c in x["choices"]]) > 0.95
+
+
+def test_multiple_choice_scores_the_mean_log_likelihood_of_the_choice_given_the_context():
+    # a stand-in model: the next token is x + 1 with probability 1/2, any other with 1/30 each.
+    # Eight tokens that follow the rule (mean log 1/2) beat one token that does not (log 1/30),
+    # though their total log-likelihood is lower; and the choice's first token is scored after
+    # the context's last one
+    V = 16
+    def model(x):
+        return torch.nn.functional.one_hot((x + 1) % V, V).float() * math.log(V - 1), None, None
+    ctx, rule, off = np.array([1, 2, 3]), np.arange(4, 12), np.array([9])
+    items = [{"context": ctx, "choices": [rule, off], "label": 0}, {"context": ctx, "choices": [off, rule], "label": 1},
+             {"context": ctx, "choices": [np.array([5]), np.array([4])], "label": 1}]
+    assert list(ev.score_mc(model, items, V, 4, "cpu")) == [0, 1, 1]
 
 
 def test_wilson_interval_against_known_values():

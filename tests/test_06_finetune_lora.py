@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import common
 from conftest import load, run
 
 m = load("03_model")
@@ -58,7 +59,7 @@ def data(tmp_path_factory):
     (d / "02_tokenize" / "tokenizer.json").write_text(json.dumps(
         {"pattern": T.PATTERNS["gpt2"], "pattern_name": "gpt2", "special_tokens": {T.EOT: 256}}))
     model = tiny_model()
-    m.save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(model.config)},
+    common.save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(model.config)},
                       d / "04_train" / "ckpt.pt")
     return d
 
@@ -120,7 +121,7 @@ def test_merge_matches_unmerged_and_twice_changes_nothing(tmp_path):
     L.merge_lora(model)
     assert all(torch.equal(once[k], v) for k, v in model.state_dict().items())
     # the merged model is an ordinary 03_model checkpoint
-    m.save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(model.config)}, tmp_path / "c.pt")
+    common.save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(model.config)}, tmp_path / "c.pt")
     loaded, _ = m.load_model(tmp_path / "c.pt")
     with torch.no_grad():
         assert torch.equal(loaded(idx)[0], merged)
@@ -142,6 +143,14 @@ def test_lora_linear_merge_unmerge():
         assert torch.equal(layer.base.weight, w1)
         layer.unmerge()
         torch.testing.assert_close(layer.base.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_lr_factor_warms_up_to_one_then_cosine_decays_to_zero():
+    # linear warmup over the first tenth, peak 1, cosine: 1/2 halfway through the decay, ~0 at the end
+    f = [L._lr_factor(s, 100) for s in range(100)]
+    assert f[0] > 0 and f[:10] == sorted(f[:10]) and max(f) == pytest.approx(1.0)
+    assert f[55] == pytest.approx(0.5) and f[-1] < 0.01
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
 
 
 # ----------------------------------------------------------------------------- training

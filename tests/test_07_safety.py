@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 from conftest import ROOT, load, run
 
 safety = load("07_safety")
@@ -280,7 +281,7 @@ def tiny_setup(folder, seed=0, silent=False):
     torch.manual_seed(seed)
     cfg = model_lib.GPTConfig(vocab_size=320, vocab_used=1 if silent else 257, block_size=64,
                               n_layer=1, n_head=2, n_embd=32)
-    model_lib.save_checkpoint({"model": model_lib.GPT(cfg).state_dict(), "config": dataclasses.asdict(cfg)},
+    common.save_checkpoint({"model": model_lib.GPT(cfg).state_dict(), "config": dataclasses.asdict(cfg)},
                               d / "04_train" / "ckpt.pt")
     return tok_lib.load_tokenizer(d / "02_tokenize"), model_lib.load_model(d / "04_train" / "ckpt.pt")[0]
 

@@ -1,6 +1,6 @@
 """Tests for 08_export.py: every exported file against PyTorch, the reference it came from.
 
-The script runs once (module fixture) on a small model saved with 03_model.save_checkpoint; the
+The script runs once (module fixture) on a small model saved with common.save_checkpoint; the
 tests then open its files themselves with ONNX Runtime and compare with PyTorch on inputs the
 script never saw (other batch sizes and lengths), so they do not just re-read its report.
 """
@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import common
 from conftest import load, run
 
 m = load("03_model")
@@ -37,7 +38,7 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     model = m.GPT(CFG).eval()
     ckpt = tmp / "ckpt.pt"
-    m.save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(CFG)}, ckpt)
+    common.save_checkpoint({"model": model.state_dict(), "config": dataclasses.asdict(CFG)}, ckpt)
     # "real" tokens: bytes of English prose (ids < 256), laid out as 02_tokenize writes val.bin
     import pydoc_data.topics
     text = " ".join(list(pydoc_data.topics.topics.values())[:5]).encode()[:4000]
@@ -162,7 +163,7 @@ def test_bad_checkpoint(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "bad.pt" in r.stderr
     # a window the model cannot hold is the user's flag error, caught before any export
     good = tmp_path / "good.pt"
-    m.save_checkpoint({"model": m.GPT(CFG).state_dict(), "config": dataclasses.asdict(CFG)}, good)
+    common.save_checkpoint({"model": m.GPT(CFG).state_dict(), "config": dataclasses.asdict(CFG)}, good)
     r = run("08_export", "--data", tmp_path, "--ckpt", good, "--prompt-len", "30", "--decode-tokens", "8")
     assert r.returncode == 2 and "--prompt-len" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "08_export").exists()

@@ -1,0 +1,154 @@
+"""What every stage needs in the same form, kept in one place so each idea has one form.
+
+The numbered scripts are the lessons; these few helpers belong to none of them, but every stage
+uses them alike:
+  * UserError, ArgumentParser and main(): a user's mistake (a bad flag, a missing or malformed
+    file, a folder that cannot be written) ends in one line on stderr that names the file or
+    the flag, and exit status 2; never a traceback. A stage raises; only main() reports.
+  * output_dir(): a stage writes into a temporary folder beside its output and swaps it into
+    place when complete. A crash or an error leaves the previous output as it was, and creating
+    the folder first thing checks, before any work, that the output can be written.
+  * save_checkpoint() and load_checkpoint(): an atomic torch.save, and torch.load with
+    weights_only=True whose failures are the user's (a wrong or damaged file).
+  * wilson(): the 95% interval of a rate; pick_device().
+It imports no stage, so any stage may import it.
+"""
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class UserError(ValueError):
+    """A mistake in the user's flags or files: reported by main() in one line, exit status 2.
+    A ValueError, since that is what it is: a value (a flag, a file's contents) that is wrong."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: one line naming the flag, not usage plus error."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def main(script, run, argv=None):
+    """Exit with run(argv)'s status (None is 0). A UserError, or an OSError on the user's files
+    (not found, not readable, not writable, disk full), becomes one line on stderr and exit 2."""
+    try:
+        status = run(argv)
+    except UserError as e:
+        message = str(e)
+    except OSError as e:
+        message = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    else:
+        sys.exit(status or 0)
+    print(f"{Path(script).name}: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _number(kind, test, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    parse.__name__ = what   # argparse names the type in its messages
+    return parse
+
+
+# argparse types: a flag's range is checked where the flag is declared
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+natural_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+natural_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+
+
+def pick_device(name=None):
+    """The device a stage runs on: CUDA when present unless told otherwise."""
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return name
+
+
+def replace_dir(tmp, out):
+    """Swap the finished folder `tmp` into place as `out`. The previous `out` is removed only
+    after the swap, so a crash at any point leaves one complete folder, never half of one."""
+    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def output_dir(out):
+    """with output_dir(data / "05_eval") as tmp: write into tmp. When the block ends, tmp
+    replaces the output; when it raises, tmp is deleted and the previous output stays."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)   # mkdtemp makes it private; an output is an ordinary folder
+        yield tmp
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def strip_prefixes(state_dict):
+    """The state dict without the prefixes torch.compile ("_orig_mod.") and DDP ("module.") add."""
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary name, then rename: a crash never leaves a half-written file.
+    The model's state dict is stored without wrapper prefixes, so any stage loads it into a
+    plain model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = {**obj, "model": strip_prefixes(obj["model"])}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load(weights_only=True): tensors and plain containers only, never code."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except Exception as e:   # a damaged file, or not a checkpoint at all
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+
+
+def wilson(k, n, z=1.96):
+    """Wilson score interval for k successes in n trials (Wilson 1927): unlike p +- z*se it stays
+    inside [0, 1] and keeps its coverage for small n and at 0/n or n/n. (None, None) when n = 0."""
+    if n == 0:
+        return None, None
+    p, d = k / n, 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
