@@ -31,10 +31,6 @@ import argparse
 import importlib
 import json
 import math
-import os
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+from common import UserError
 
 model_lib = importlib.import_module("03_model")
 tok_lib = importlib.import_module("02_tokenize")
@@ -51,10 +48,6 @@ tok_lib = importlib.import_module("02_tokenize")
 # Fixed prompts: the same every run, so samples of two checkpoints can be read side by side.
 # A mix of the two built-in sources: Wikipedia summaries and Python's reference documentation.
 PROMPTS = ["The history of", "In mathematics, a", "The city is", "Python is a", "The for statement"]
-
-
-class UserError(Exception):
-    """A problem with the user's input or flags: main() prints it on one line and exits 2."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -80,6 +73,8 @@ def load_data(data_dir):
         path = tok / f"{split}.bin"
         if not path.is_file():
             raise UserError(f"{path}: not found; run 02_tokenize.py first")
+        if path.stat().st_size % dtype.itemsize:
+            raise UserError(f"{path}: {path.stat().st_size} bytes is not a whole number of {dtype} ids")
         # memmap: only the pages we index are read, however big the file
         splits[split] = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
     if len(splits["train"]) < 2:
@@ -487,70 +482,61 @@ def markdown(report):
     return "".join(md)
 
 
-def write_outputs(report, out):
-    """Write every file into a temporary folder, then swap it in: never a half-written report."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".05_eval.", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        (tmp / "report.md").write_text(markdown(report))
-        with open(tmp / "samples.txt", "w") as f:
-            for m in report["models"]:
-                for t, g in m["generation"].items():
-                    for text in g["samples"]:
-                        f.write(f"=== {m['name']} | temperature {t}\n{text}\n\n")
-        write_plots(report, tmp)
-        common.replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def write_outputs(report, folder):
+    (folder / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (folder / "report.md").write_text(markdown(report))
+    with open(folder / "samples.txt", "w") as f:
+        for m in report["models"]:
+            for t, g in m["generation"].items():
+                for text in g["samples"]:
+                    f.write(f"=== {m['name']} | temperature {t}\n{text}\n\n")
+    write_plots(report, folder)
 
 
 # ----------------------------------------------------------------------------- main
 
+def temperatures(text):
+    """argparse type: comma-separated non-negative numbers, e.g. 0,0.7,1.0 (0 = greedy)."""
+    try:
+        ts = [float(t) for t in text.split(",")]
+    except ValueError:
+        ts = []
+    if not ts or not all(t >= 0 and math.isfinite(t) for t in ts):
+        raise argparse.ArgumentTypeError(f"expected non-negative numbers like 0,0.7,1.0, got {text!r}")
+    return ts
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data", default="data", metavar="DIR", help="reads DIR/02_tokenize/ (and 04_train/), writes DIR/05_eval/")
     a("--ckpt", default=None, metavar="PATH", help="checkpoint to evaluate (default DIR/04_train/ckpt.pt)")
     a("--compare", nargs="+", default=[], metavar="CKPT", help="more checkpoints, one column each in the tables")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
-      help="default: cuda when available")
-    a("--threads", type=int, default=0, metavar="N", help="torch CPU threads (default 0: PyTorch's choice)")
-    a("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default 8)")
-    a("--stride", type=int, default=None, metavar="N",
+    a("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    a("--threads", type=common.natural_int, default=0, metavar="N", help="torch CPU threads (default 0: PyTorch's choice)")
+    a("--batch-size", type=common.positive_int, default=8, metavar="N", help="windows per forward pass (default 8)")
+    a("--stride", type=common.positive_int, default=None, metavar="N",
       help="step between validation windows (default: the model's block_size, i.e. no overlap)")
-    a("--max-val-tokens", type=int, default=65536, metavar="N",
+    a("--max-val-tokens", type=common.natural_int, default=65536, metavar="N",
       help="score at most this many val tokens, in evenly spaced windows; 0 = the whole split (default 65536)")
-    a("--baseline-tokens", type=int, default=20_000_000, metavar="N",
+    a("--baseline-tokens", type=common.int_at_least(2), default=20_000_000, metavar="N",
       help="fit the unigram/bigram baselines on this many train tokens (default 20M)")
-    a("--add-k", type=float, default=0.01, metavar="K", help="add-k smoothing of the baselines (default 0.01)")
-    a("--mc-items", type=int, default=200, metavar="N", help="multiple-choice items (default 200; 0 = skip)")
-    a("--mc-choices", type=int, default=4, metavar="N", help="choices per item, K (default 4: chance is 25%%)")
-    a("--temperatures", default="0,0.7,1.0", metavar="T,T,...", help="sampling temperatures, comma-separated (0 = greedy)")
-    a("--gen-tokens", type=int, default=48, metavar="N", help="new tokens per sample (default 48)")
-    a("--speed-tokens", type=int, default=128, metavar="N", help="tokens generated for the speed measurement (default 128)")
-    a("--seed", type=int, default=1337, metavar="N", help="seed for the benchmark items and the samples")
+    a("--add-k", type=common.positive_float, default=0.01, metavar="K",
+      help="add-k smoothing of the baselines (default 0.01; zero would give unseen pairs infinite loss)")
+    a("--mc-items", type=common.natural_int, default=200, metavar="N", help="multiple-choice items (default 200; 0 = skip)")
+    a("--mc-choices", type=common.int_at_least(2), default=4, metavar="N", help="choices per item, K (default 4: chance is 25%%)")
+    a("--temperatures", type=temperatures, default=[0.0, 0.7, 1.0], metavar="T,T,...",
+      help="sampling temperatures, comma-separated (0 = greedy; default 0,0.7,1.0)")
+    a("--gen-tokens", type=common.positive_int, default=48, metavar="N", help="new tokens per sample (default 48)")
+    a("--speed-tokens", type=common.positive_int, default=128, metavar="N", help="tokens generated for the speed measurement (default 128)")
+    a("--seed", type=common.natural_int, default=1337, metavar="N", help="seed for the benchmark items and the samples")
     args = p.parse_args(argv)
-    for flag, low in (("batch_size", 1), ("max_val_tokens", 0), ("baseline_tokens", 2), ("mc_items", 0),
-                      ("mc_choices", 2), ("gen_tokens", 1), ("speed_tokens", 1), ("threads", 0)):
-        if getattr(args, flag) < low:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least {low}, got {getattr(args, flag)}")
-    if args.stride is not None and args.stride < 1:
-        raise UserError(f"--stride must be positive, got {args.stride}")
-    if not args.add_k > 0:
-        raise UserError(f"--add-k must be positive (zero gives unseen pairs infinite loss), got {args.add_k}")
-    try:
-        args.temperatures = [float(t) for t in args.temperatures.split(",")]
-        assert all(t >= 0 and math.isfinite(t) for t in args.temperatures)
-    except (ValueError, AssertionError):
-        raise UserError(f"--temperatures: expected non-negative numbers like 0,0.7,1.0, got {args.temperatures!r}") from None
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
+    args.device = common.pick_device(args.device)
     return args
 
 
-def run(args):
+def build_report(args):
+    """Every measurement of every checkpoint, as the report's dict."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -581,6 +567,8 @@ def run(args):
     # Baselines on exactly the scored tokens (each predicted from the token before it).
     t0 = time.time()
     fit = train[:args.baseline_tokens]
+    if int(fit.max()) >= V:
+        raise UserError(f"{Path(args.data) / '02_tokenize' / 'train.bin'}: token id {int(fit.max())} >= vocab_size {V} in meta.json")
     uni, bi = ngram_nll(fit, targets, np.asarray(val[pos - 1], dtype=np.int64), V, args.add_k)
     base = {"uniform": np.full(len(pos), math.log(V)), "unigram": uni, "bigram": bi}
     baselines = {}
@@ -613,15 +601,12 @@ def run(args):
     return report
 
 
-def main(argv=None):
-    try:
-        args = parse_args(argv)
-        report = run(args)
-    except UserError as e:
-        print(f"05_eval.py: {e}", file=sys.stderr)
-        sys.exit(2)
+def run(argv=None):
+    args = parse_args(argv)
     out = Path(args.data) / "05_eval"
-    write_outputs(report, out)
+    with common.output_dir(out) as tmp:   # entered first: an unwritable --data fails before the work
+        report = build_report(args)
+        write_outputs(report, tmp)
 
     # the summary table: baselines, then each checkpoint
     s = report["settings"]
@@ -636,6 +621,10 @@ def main(argv=None):
         print(f"{m['name'][:21]:<22}{m['loss']:>8.3f}{m['perplexity']:>10.1f}{m['bpb']:>8.3f}{mc:>24}"
               f"{m['calibration']['ece']:>8.3f}{sp['tok_per_s_cache']:>9,.0f}/{sp['tok_per_s_no_cache']:,.0f}")
     print(f"wrote {out}/ (report.json, report.md, samples.txt, reliability.png, bpb_by_group.png)")
+
+
+def main(argv=None):
+    common.main(__file__, run, argv)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def main(script, run, argv=None):
-    """Exit with run(argv)'s status (None is 0). A UserError, or an OSError on the user's files
-    (not found, not readable, not writable, disk full), becomes one line on stderr and exit 2."""
+    """Call run(argv); exit with its status when it returns one (1: a gate failed). A UserError,
+    or an OSError on the user's files (not found, not readable, not writable, disk full),
+    becomes one line on stderr and exit status 2."""
     try:
         status = run(argv)
     except UserError as e:
@@ -47,7 +48,9 @@ def main(script, run, argv=None):
     except OSError as e:
         message = f"{e.filename}: {e.strerror}" if e.filename else str(e)
     else:
-        sys.exit(status or 0)
+        if status:
+            sys.exit(status)
+        return
     print(f"{Path(script).name}: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(2)
 
@@ -66,8 +69,12 @@ def _number(kind, test, what):
 
 
 # argparse types: a flag's range is checked where the flag is declared
+def int_at_least(low):
+    return _number(int, lambda v: v >= low, f"an integer >= {low}")
+
+
 positive_int = _number(int, lambda v: v >= 1, "a positive integer")
-natural_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+natural_int = int_at_least(0)
 positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 natural_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 fraction = _number(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")

@@ -448,5 +448,6 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     tiny_setup(tmp_path)
     (tmp_path / "04_train" / "ckpt.pt").unlink()
-    with pytest.raises(safety.UserError, match="ckpt.pt: no such file"):
-        safety.run(safety.parse_args(["--data", str(tmp_path)]))
+    with pytest.raises(safety.UserError, match="ckpt.pt: not found"):
+        safety.run(["--data", str(tmp_path)])
+    assert not list(tmp_path.glob(".07_safety*"))   # the output folder was never half made
