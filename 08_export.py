@@ -38,8 +38,6 @@ import importlib
 import io
 import json
 import logging
-import os
-import shutil
 import statistics
 import sys
 import time
@@ -51,6 +49,7 @@ import torch
 from tqdm import tqdm
 
 import common
+from common import UserError
 
 model_lib = importlib.import_module("03_model")
 
@@ -62,12 +61,6 @@ model_lib = importlib.import_module("03_model")
 TOL_FP32 = 1e-4
 REL_TOL = {"fp16": 0.01, "int8": 0.05}
 MIN_TOP1 = 0.99
-
-
-def fail(msg):
-    """A user's mistake: one line on stderr naming the file or flag, exit status 2."""
-    print(f"08_export.py: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- 1. fp16 checkpoint
@@ -320,15 +313,15 @@ def real_windows(data_dir, config, n=16):
         meta = json.loads((tok / "meta.json").read_text())
         arr = np.memmap(tok / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        fail(f"{tok}: unreadable tokenizer output ({type(e).__name__}: {e})")
+        raise UserError(f"{tok}: unreadable tokenizer output ({type(e).__name__}: {e})") from None
     T = min(config.block_size, len(arr))
     if T < 2:
         return None
     starts = np.linspace(0, len(arr) - T, min(n, len(arr) - T + 1)).astype(np.int64)
     ids = np.stack([np.asarray(arr[s:s + T], dtype=np.int64) for s in starts])
     if ids.max() >= config.vocab_size:
-        fail(f"{tok / 'val.bin'}: token id {ids.max()} is outside the model's vocabulary of "
-             f"{config.vocab_size}; was this checkpoint trained with another tokenizer?")
+        raise UserError(f"{tok / 'val.bin'}: token id {ids.max()} is outside the model's vocabulary of "
+                        f"{config.vocab_size}; was this checkpoint trained with another tokenizer?")
     return ids
 
 
@@ -568,49 +561,44 @@ def build(args, model, ckpt, ckpt_path, work, real, rng, prompt_len, gen_tokens,
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Export a checkpoint to fp16 and ONNX (full and KV-cache "
-                                             "graphs, fp32/fp16/int8) and check each against PyTorch.")
-    ap.add_argument("--data", default="data", help="data folder: reads 04_train/ (and 02_tokenize/), writes 08_export/")
-    ap.add_argument("--ckpt", default=None, help="checkpoint to export (default DATA/04_train/ckpt.pt)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
-                    help="device of the PyTorch side of the latency table (ONNX Runtime uses its CUDA "
-                         "provider if installed, else the CPU)")
-    ap.add_argument("--threads", type=int, default=0, help="threads for PyTorch and ONNX Runtime alike (0: their defaults)")
-    ap.add_argument("--prompt-len", type=int, default=None, help="prefill length for latency (default block_size / 2)")
-    ap.add_argument("--decode-tokens", type=int, default=None,
-                    help="tokens decoded per latency measurement (default 32, fewer if the window is short)")
-    ap.add_argument("--repeats", type=int, default=5, help="latency repeats (the median is reported)")
-    ap.add_argument("--gen-tokens", type=int, default=None,
-                    help="tokens generated in the ORT-vs-PyTorch check (default block_size: the window slides)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random test inputs")
-    return ap.parse_args(argv)
+    ap = common.ArgumentParser(description="Export a checkpoint to fp16 and ONNX (full and KV-cache "
+                                           "graphs, fp32/fp16/int8) and check each against PyTorch.")
+    a = ap.add_argument
+    a("--data", default="data", help="data folder: reads 04_train/ (and 02_tokenize/), writes 08_export/")
+    a("--ckpt", default=None, help="checkpoint to export (default DATA/04_train/ckpt.pt)")
+    a("--device", default=None, choices=["cpu", "cuda"],
+      help="device of the PyTorch side of the latency table (default cuda when available; ONNX Runtime "
+           "uses its CUDA provider if installed, else the CPU)")
+    a("--threads", type=common.natural_int, default=0, help="threads for PyTorch and ONNX Runtime alike (0: their defaults)")
+    a("--prompt-len", type=common.positive_int, default=None, help="prefill length for latency (default block_size / 2)")
+    a("--decode-tokens", type=common.positive_int, default=None,
+      help="tokens decoded per latency measurement (default 32, fewer if the window is short)")
+    a("--repeats", type=common.positive_int, default=5, help="latency repeats (the median is reported)")
+    a("--gen-tokens", type=common.positive_int, default=None,
+      help="tokens generated in the ORT-vs-PyTorch check (default block_size: the window slides)")
+    a("--seed", type=common.natural_int, default=0, help="seed of the random test inputs")
+    args = ap.parse_args(argv)
+    args.device = common.pick_device(args.device)
+    return args
 
 
-def main(argv=None):
+def run(argv=None):
     args = parse_args(argv)
-    for flag in ("prompt_len", "decode_tokens", "repeats", "gen_tokens"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.threads < 0:
-        fail("--threads must be >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt_path = Path(args.ckpt) if args.ckpt else Path(args.data) / "04_train" / "ckpt.pt"
-    try:
-        # fp32 on the CPU: the reference every exported file is compared with, and the model
-        # traced for export (a CPU trace gives a graph that runs on any execution provider)
-        model, ckpt = model_lib.load_model(ckpt_path)
-    except ValueError as e:
-        fail(str(e) + ("" if args.ckpt or ckpt_path.exists() else "; run 04_train.py first or pass --ckpt"))
+    if not args.ckpt and not ckpt_path.exists():
+        raise UserError(f"{ckpt_path}: not found; run 04_train.py first or pass --ckpt")
+    # fp32 on the CPU: the reference every exported file is compared with, and the model
+    # traced for export (a CPU trace gives a graph that runs on any execution provider)
+    model, ckpt = model_lib.load_model(ckpt_path)
     cfg = model.config
     prompt_len = args.prompt_len or max(1, cfg.block_size // 2)
     if args.decode_tokens is None:
         args.decode_tokens = max(1, min(32, cfg.block_size - prompt_len))
     if prompt_len + args.decode_tokens > cfg.block_size:
-        fail(f"--prompt-len {prompt_len} + --decode-tokens {args.decode_tokens} must fit the "
-             f"model's block_size {cfg.block_size}")
+        raise UserError(f"--prompt-len {prompt_len} + --decode-tokens {args.decode_tokens} must fit the "
+                        f"model's block_size {cfg.block_size}")
     gen_tokens = args.gen_tokens or cfg.block_size
     import onnxruntime as ort
     providers = (["CUDAExecutionProvider"] if args.device == "cuda" and "CUDAExecutionProvider"
@@ -620,14 +608,8 @@ def main(argv=None):
     real = real_windows(args.data, cfg)
 
     out = Path(args.data) / "08_export"
-    work = out.with_name(f".08_export.tmp{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+    with common.output_dir(out) as work:
         report = build(args, model, ckpt, ckpt_path, work, real, rng, prompt_len, gen_tokens, providers)
-        common.replace_dir(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
     # the summary table
     print(f"\n{'file':<22}{'MiB':>9}{'vs fp32':>9}")
@@ -642,7 +624,11 @@ def main(argv=None):
     print(f"wrote {out}/ (model_fp16.pt, 6 .onnx files, report.json, report.md, latency.png)")
     if not report["passed"]:
         print("08_export.py: some parity checks failed; see report.md", file=sys.stderr)
-        sys.exit(1)
+        return 1
+
+
+def main(argv=None):
+    common.main(__file__, run, argv)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,16 @@ def test_graph_interfaces(exported):
     assert isinstance(b, str) and isinstance(p, str) and dims(g.input[1])[1::2] == [H, D]
 
 
+def test_compare_is_the_largest_absolute_difference_and_the_top1_share():
+    # by hand: logits of 1 sequence, 3 positions, 4 tokens; the copy is 3 higher at one logit
+    # (which moves that position's top-1) and 0.5 lower at another: max |diff| 3, top-1 agrees at 2 of 3
+    ref = np.array([[[0, 3, 1, 0], [2, 0, 0, 1], [0, 0, 0, 5]]], np.float32)
+    got = ref.copy()
+    got[0, 0, 2] += 3
+    got[0, 2, 0] -= 0.5
+    assert ex.compare(ref, got) == (3.0, pytest.approx(2 / 3))
+
+
 @pytest.mark.parametrize("name", GRAPHS)
 def test_parity_with_pytorch(exported, name):
     out, model, _, _ = exported
