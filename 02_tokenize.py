@@ -31,10 +31,7 @@ import hashlib
 import heapq
 import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -43,6 +40,9 @@ import numpy as np
 import regex
 import tiktoken
 from tqdm import tqdm
+
+import common
+from common import UserError
 
 # The pre-split patterns, character for character as tiktoken ships them (`++` and `?+` are
 # possessive: once matched, never given back, which makes the regex fast and unambiguous).
@@ -361,10 +361,6 @@ def load_cl100k(fast=True):
 # ---------------------------------------------------------------------------------------------
 # The stage: train on 01_clean's train split, then encode both splits into flat token files.
 
-class UserError(Exception):
-    """A problem with the user's input or flags: main() prints it on one line and exits 2."""
-
-
 def read_docs(path):
     """The documents of one 01_clean split, checked line by line."""
     if not path.is_file():
@@ -440,8 +436,6 @@ def get_tokenizer(args, texts):
         by_rank = sorted((i, tok) for tok, i in src.ranks.items() if i >= 256)
         shown = [show(tok) for _, tok in by_rank]
         return src.ranks, src.pattern, src.special_tokens, shown, time.time() - t0
-    if args.vocab_size < 257:
-        raise UserError(f"--vocab-size {args.vocab_size}: must be at least 257 (256 bytes + {EOT})")
     trainer = train_fast if args.trainer == "fast" else train_naive
     kwargs = {"progress": True} if args.trainer == "fast" else {}
     vocab, merges = trainer(texts, args.vocab_size - 1, PATTERNS[args.pattern], **kwargs)
@@ -452,13 +446,13 @@ def get_tokenizer(args, texts):
     return ranks, PATTERNS[args.pattern], {EOT: len(vocab)}, shown, time.time() - t0
 
 
-def run_stage(args):
+def build(args, tmp):
+    """Train (or reuse) the tokenizer, save it into `tmp`, and encode both splits with it.
+    Returns the stage's stats."""
     data = Path(args.data)
     train_docs = read_docs(data / "01_clean" / "train.jsonl")
     val_docs = read_docs(data / "01_clean" / "val.jsonl")
     texts = [d["text"] for d in train_docs]
-    if args.train_mb is not None and args.train_mb <= 0:
-        raise UserError(f"--train-mb {args.train_mb}: must be a positive number of megabytes")
     if args.train_mb:  # train on a prefix: the merges settle long before a big corpus ends
         budget, keep = args.train_mb * 1e6, []
         for t in texts:
@@ -471,77 +465,59 @@ def run_stage(args):
     if EOT not in specials:
         raise UserError(f"--tokenizer {args.tokenizer}: has no {EOT} special token")
     pattern_name = next((k for k, v in PATTERNS.items() if v == pattern), "custom")
-
-    data.mkdir(parents=True, exist_ok=True)
-    out = data / "02_tokenize"
-    tmp = Path(tempfile.mkdtemp(prefix=".02_tokenize.", dir=data))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final folder should not be
-    try:
-        save_tokenizer(Tokenizer(ranks, pattern, specials), tmp, pattern_name)
-        # Encode with what was *saved*, so the files below are exactly what later stages get.
-        enc = load_tokenizer(tmp, fast=args.encoder == "tiktoken")
-        dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"
-        t0 = time.time()
-        n_train, train_tokens, train_bytes = encode_split(enc, train_docs, "train", tmp, dtype)
-        n_val, val_tokens, val_bytes = encode_split(enc, val_docs, "val", tmp, dtype)
-        encode_s = time.time() - t0
-        meta = {"vocab_size": enc.n_vocab, "dtype": dtype, "eot_id": enc.eot_token,
-                "special_tokens": specials, "pattern_name": pattern_name,
-                "train_tokens": n_train, "val_tokens": n_val, "train_bytes": train_bytes,
-                "val_bytes": val_bytes, "val_bytes_per_token": val_bytes / max(val_tokens, 1)}
-        # The reference: how well GPT-4's 100K-token vocabulary compresses the same text.
-        ref = None
-        if cl100k_path() is not None:
-            cl = load_cl100k()
-            ref = val_bytes / max(1, sum(len(cl.encode_ordinary(d["text"])) for d in val_docs))
-        plot_lengths(ranks, np.fromfile(tmp / "val.bin", dtype=dtype), tmp / "token_lengths.png")
-        stats = {**meta, "trainer": None if args.tokenizer else args.trainer,
-                 "tokenizer_from": args.tokenizer, "encoder": args.encoder,
-                 "train_text_bytes": sum(len(t.encode("utf-8", "surrogatepass")) for t in texts),
-                 "train_seconds": round(train_s, 2), "encode_seconds": round(encode_s, 2),
-                 "encode_mb_per_s": round((train_bytes + val_bytes) / 1e6 / max(encode_s, 1e-9), 2),
-                 "cl100k_val_bytes_per_token": ref,
-                 "first_merges": shown[:10], "last_merges": shown[-10:]}
-        for name, obj in (("meta.json", meta), ("stats.json", stats)):
-            with open(tmp / name, "w") as f:
-                json.dump(obj, f, indent=1)
-        # Swap the finished folder into place: an earlier good run is never half-overwritten.
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=".02_tokenize.old.", dir=data))
-            os.replace(out, old / "prev")
-        os.replace(tmp, out)
-        if old:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    save_tokenizer(Tokenizer(ranks, pattern, specials), tmp, pattern_name)
+    # Encode with what was *saved*, so the files below are exactly what later stages get.
+    enc = load_tokenizer(tmp, fast=args.encoder == "tiktoken")
+    dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"
+    t0 = time.time()
+    n_train, train_tokens, train_bytes = encode_split(enc, train_docs, "train", tmp, dtype)
+    n_val, val_tokens, val_bytes = encode_split(enc, val_docs, "val", tmp, dtype)
+    encode_s = time.time() - t0
+    meta = {"vocab_size": enc.n_vocab, "dtype": dtype, "eot_id": enc.eot_token,
+            "special_tokens": specials, "pattern_name": pattern_name,
+            "train_tokens": n_train, "val_tokens": n_val, "train_bytes": train_bytes,
+            "val_bytes": val_bytes, "val_bytes_per_token": val_bytes / max(val_tokens, 1)}
+    # The reference: how well GPT-4's 100K-token vocabulary compresses the same text.
+    ref = None
+    if cl100k_path() is not None:
+        cl = load_cl100k()
+        ref = val_bytes / max(1, sum(len(cl.encode_ordinary(d["text"])) for d in val_docs))
+    plot_lengths(ranks, np.fromfile(tmp / "val.bin", dtype=dtype), tmp / "token_lengths.png")
+    stats = {**meta, "trainer": None if args.tokenizer else args.trainer,
+             "tokenizer_from": args.tokenizer, "encoder": args.encoder,
+             "train_text_bytes": sum(len(t.encode("utf-8", "surrogatepass")) for t in texts),
+             "train_seconds": round(train_s, 2), "encode_seconds": round(encode_s, 2),
+             "encode_mb_per_s": round((train_bytes + val_bytes) / 1e6 / max(encode_s, 1e-9), 2),
+             "cl100k_val_bytes_per_token": ref,
+             "first_merges": shown[:10], "last_merges": shown[-10:]}
+    for name, obj in (("meta.json", meta), ("stats.json", stats)):
+        with open(tmp / name, "w") as f:
+            json.dump(obj, f, indent=1)
     return stats
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="data", metavar="DIR",
-                    help="reads DIR/01_clean/, writes DIR/02_tokenize/")
-    ap.add_argument("--vocab-size", type=int, default=4096, metavar="N",
-                    help="tokens in all: 256 bytes + merges + <|endoftext|> (default 4096)")
-    ap.add_argument("--pattern", choices=sorted(PATTERNS), default="cl100k",
-                    help="pre-split regex: GPT-4's cl100k (default) or GPT-2's")
-    ap.add_argument("--trainer", choices=["fast", "naive"], default="fast",
-                    help="naive: the textbook trainer (same merges, only for small text)")
-    ap.add_argument("--encoder", choices=["tiktoken", "python"], default="tiktoken",
-                    help="encode the splits with tiktoken (default) or our own encoder (same ids)")
-    ap.add_argument("--tokenizer", metavar="DIR|cl100k", default=None,
-                    help="skip training: reuse the tokenizer saved in DIR, or GPT-4's cl100k_base")
-    ap.add_argument("--train-mb", type=float, default=None, metavar="MB",
-                    help="train the tokenizer on only the first N MB of train.jsonl")
-    args = ap.parse_args()
-    try:
-        s = run_stage(args)
-    except UserError as e:
-        print(f"02_tokenize: {e}", file=sys.stderr)
-        sys.exit(2)
+def parse_args(argv=None):
+    ap = common.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--data", default="data", metavar="DIR", help="reads DIR/01_clean/, writes DIR/02_tokenize/")
+    a("--vocab-size", type=common.int_at_least(257), default=4096, metavar="N",
+      help=f"tokens in all: 256 bytes + merges + {EOT} (default 4096)")
+    a("--pattern", choices=sorted(PATTERNS), default="cl100k", help="pre-split regex: GPT-4's cl100k (default) or GPT-2's")
+    a("--trainer", choices=["fast", "naive"], default="fast",
+      help="naive: the textbook trainer (same merges, only for small text)")
+    a("--encoder", choices=["tiktoken", "python"], default="tiktoken",
+      help="encode the splits with tiktoken (default) or our own encoder (same ids)")
+    a("--tokenizer", metavar="DIR|cl100k", default=None,
+      help="skip training: reuse the tokenizer saved in DIR, or GPT-4's cl100k_base")
+    a("--train-mb", type=common.positive_float, default=None, metavar="MB",
+      help="train the tokenizer on only the first N MB of train.jsonl")
+    return ap.parse_args(argv)
+
+
+def run(argv=None):
+    args = parse_args(argv)
+    with common.output_dir(Path(args.data) / "02_tokenize") as tmp:   # first: an unwritable --data fails before the work
+        s = build(args, tmp)
     rows = [("vocabulary size", s["vocab_size"]), ("train tokens", f"{s['train_tokens']:,}"),
             ("val tokens", f"{s['val_tokens']:,}"), ("dtype", s["dtype"]),
             ("training", f"{s['train_seconds']:.1f} s on {s['train_text_bytes'] / 1e6:.1f} MB"),
@@ -554,6 +530,10 @@ def main():
     print("first merges:", ", ".join(s["first_merges"][:5]))
     print("last merges: ", ", ".join(s["last_merges"][-5:]))
     print(f"wrote {Path(args.data) / '02_tokenize'}/")
+
+
+def main(argv=None):
+    common.main(__file__, run, argv)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def main(script, run, argv=None):
     sys.exit(2)
 
 
-def _number(kind, test, what):
+def number(kind, test, what):
+    """An argparse type: `kind(text)`, which must pass `test`; else an error saying `what` was expected."""
     def parse(text):
         try:
             value = kind(text)
@@ -70,14 +71,14 @@ def _number(kind, test, what):
 
 # argparse types: a flag's range is checked where the flag is declared
 def int_at_least(low):
-    return _number(int, lambda v: v >= low, f"an integer >= {low}")
+    return number(int, lambda v: v >= low, f"an integer >= {low}")
 
 
-positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+positive_int = number(int, lambda v: v >= 1, "a positive integer")
 natural_int = int_at_least(0)
-positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-natural_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
-fraction = _number(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+positive_float = number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+natural_float = number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+fraction = number(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
 
 
 def pick_device(name=None):
@@ -104,8 +105,11 @@ def output_dir(out):
     """with output_dir(data / "05_eval") as tmp: write into tmp. When the block ends, tmp
     replaces the output; when it raises, tmp is deleted and the previous output stays."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"{out.parent}: cannot write {out.name}/ there ({e.strerror})") from None
     try:
         os.chmod(tmp, 0o755)   # mkdtemp makes it private; an output is an ordinary folder
         yield tmp

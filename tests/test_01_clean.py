@@ -11,6 +11,7 @@ import re
 
 import pytest
 
+import common
 from conftest import load, run
 
 clean = load("01_clean")
@@ -233,7 +234,8 @@ def test_failed_write_leaves_old_output(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
     monkeypatch.setattr(clean, "plot", boom)
     with pytest.raises(RuntimeError):
-        clean.write_outputs(str(out), [{"text": "new"}], [], {}, [])
+        with common.output_dir(out) as tmp:   # as run() writes
+            clean.write_outputs(tmp, [{"text": "new"}], [], {}, [])
     assert (out / "train.jsonl").read_text() == "old\n"
     assert os.listdir(tmp_path) == ["01_clean"]  # no temporary folder left behind
 
