@@ -73,13 +73,10 @@ PRESETS = {
     # for tests: trains and generates in milliseconds
     "tiny": GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=64),
     # the default: trains in minutes on a 2-core CPU (see 04_train.py and bench/)
-    # Sized for the time, not the memory: ~7.6 MFLOPs per token, so a 2-core CPU (~90 GFLOP/s
-    # in training) sees the 1.2M-token corpus a few times in minutes. With minutes to train, a
-    # smaller model that takes more steps wins. Measured here (one seed), bits per byte after the
-    # same ~160 s of training: 6 layers 1.868, 4 layers 1.801, 3 layers 1.770, 2 layers 1.736.
-    # After 5 minutes with a 100-step warmup 2 and 3 layers tie (1.654, 1.658); warmed up over
-    # a fifth of the steps, 3 layers win (1.632 against 1.640) and keep more depth for the later
-    # stages, which fine-tune this model. (Measured before value embeddings were added.)
+    # Sized for the time, not the memory: ~7.6 MFLOPs per token, so a 2-core CPU sees the
+    # 1.2M-token corpus a few times in minutes. With minutes to train, a smaller model that
+    # takes more steps wins; of 2 to 6 layers, 3 did best after 5 minutes and keeps some depth
+    # for the stages that fine-tune this model (the depth screen is in docs/experiments.md).
     "cpu": GPTConfig(vocab_size=4160, block_size=128, n_layer=3, n_head=4, n_embd=128),
     # GPT-2 small (124M) sizing for a GPU node; vocab 50257 padded to 50304 as in nanoGPT.
     # Without value embeddings: at this vocabulary and width, a table per layer would add 463M
@@ -147,9 +144,9 @@ class CausalSelfAttention(nn.Module):
         # Value embeddings (from the modded-nanogpt GPT-2 speedrun, 2024): a table indexed by
         # the *current token* whose row is added to that token's value vector. Every layer can
         # then copy token identity straight into what it attends to, instead of relying on the
-        # residual stream to keep it intact. A lookup costs parameters but no FLOPs. Measured
-        # here, same 1,790 steps (~160 s): 1.655 bits per byte against 1.695 without; one table
-        # shared by all layers 1.665; tables on the first and last layer only 1.672.
+        # residual stream to keep it intact. A lookup costs parameters but no FLOPs; one table
+        # per layer did better than one shared table or tables on a few layers only
+        # (docs/experiments.md).
         self.value_embed = nn.Embedding(config.vocab_size, config.n_embd) if config.value_embed else None
 
     def forward(self, x, ids, past=None):

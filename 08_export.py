@@ -20,7 +20,7 @@ The ideas, in the order the code uses them:
      extended by the new ones, in the names and (batch, n_head, seq, head_dim) layout of
      Hugging Face Optimum and ONNX Runtime GenAI. With an empty past it is also the prefill.
   4. Smaller graphs: fp16 (casting weights and activations, keeping a few precision-critical
-     ops in fp32) and int8 (int8 weights in blocks of 32, activations quantised on the fly),
+     ops in fp32) and int8 (int8 weights in blocks of 16, activations quantised on the fly),
      both by ONNX Runtime's own tools.
   5. Trust nothing unchecked: logits of every graph against PyTorch on random and real tokens,
      the KV graph fed one token at a time against the full graph, and a greedy generation run
@@ -219,21 +219,20 @@ def convert_fp16(src, dst):
 
 
 def convert_int8(src, dst):
-    """int8 weights with one scale per block of 32, int8 arithmetic on dynamically quantised inputs.
+    """int8 weights with one scale per block of 16, int8 arithmetic on dynamically quantised inputs.
 
     "Dynamic" quantisation needs no calibration data: each MatMul's input is quantised when it
     arrives, from its own range. onnxruntime's classic quantize_dynamic does that with ONE scale
     for a whole activation tensor, and a single outlier channel then costs every other value its
-    precision: on a lightly trained model it changed the top-1 token at ~2% of positions. The
+    precision, and the top-1 token changes (docs/experiments.md has the figures). The
     MatMulNBits operator (the int4/int8 format ONNX Runtime GenAI uses) scales weights per block
     of 16 along the input dimension, and at accuracy_level=4 quantises the activations to int8
-    per block as well, then multiplies in int8: same idea, finer blocks, ~10x smaller error.
-    (Blocks of 32 kept the top-1 token at only 98.8% of random-token positions for the default
-    model trained 2 epochs; 16 gave 100%, for a file 2% of fp32 larger.)
+    per block as well, then multiplies in int8: same idea, finer blocks, a far smaller error.
+    Blocks of 16 rather than 32 cost a slightly larger file and keep more top-1 tokens.
     Only MatMuls with a weight initializer are converted; the tied head reads the embedding
     through a Transpose, so it (and the embedding) stay fp32, and so do the value embeddings
-    (ONNX Runtime quantises a Gather's table to 4 bits only); for the default model the int8
-    file is 0.84 of fp32.
+    (ONNX Runtime quantises a Gather's table to 4 bits only), so the int8 file is well over a
+    quarter of fp32's.
     """
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
