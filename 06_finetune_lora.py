@@ -28,10 +28,7 @@ import importlib
 import io
 import json
 import math
-import os
 import resource
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -46,6 +43,14 @@ import common
 model_lib = importlib.import_module("03_model")
 
 METHODS = ("head", "lora", "full", "prompt")
+
+# Learning rates, of the new linear head that every method trains ("head") and of each method's
+# own parameters. A fresh head needs big steps; full fine-tuning small ones, since large steps
+# destroy what pretraining learnt.
+LR = {"head": 1e-2, "lora": 1e-2, "full": 3e-4, "prompt": 1e-2}
+LORA_ALPHA = 4       # the update is scaled by alpha / r (LoRALinear)
+LORA_DROPOUT = 0.0   # dropout on the adapters' input (LoRALinear): none
+MAX_LEN = 64         # tokens read from each article, unless --max-len or the model's block says less
 
 
 # ----------------------------------------------------------------------------- 1. LoRA
@@ -167,8 +172,8 @@ class Classifier(nn.Module):
     the last token's (pool="last"), or their element-wise max (pool="max"). Mean is the default:
     in a causal model only the last token has read the whole text, but its state is trained to
     predict the *next token*, which for a small model is mostly about local syntax; the average
-    collects topic evidence from every position (frozen model + head on a small pretrained GPT:
-    45% accuracy with mean, 29% with last). Max suits a detector (07's guard): one harmful phrase
+    collects topic evidence from every position (with a frozen model it was much the better of
+    the two). Max suits a detector (07's guard): one harmful phrase
     should decide, however much harmless text is wrapped around it, and a mean dilutes it.
     Right padding keeps it exact: causal attention never lets a real token see the pads after it.
     """
@@ -368,28 +373,82 @@ def load_adapter(model, path):
 
 # ----------------------------------------------------------------------------- 3. the stage
 
-def _die(msg):
-    print(f"06_finetune_lora.py: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def read_labelled(path):
     """(texts, topics) of the Wikipedia articles with a real topic in one 01_clean split."""
     texts, topics = [], []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:   # bytes, decoded line by line: a bad line is named by its number
             for n, line in enumerate(f, 1):
+                try:
+                    line = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise common.UserError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line)") from None
                 try:
                     d = json.loads(line)
                     text, source, topic = d["text"], d.get("source"), d.get("topic")
+                    if not isinstance(text, str):
+                        raise TypeError
                 except (ValueError, KeyError, TypeError):
-                    _die(f"{path}:{n}: not a JSON object with a 'text' field")
+                    raise common.UserError(f"{path}:{n}: not a JSON object with a 'text' string") from None
                 if source == "wikipedia" and isinstance(topic, str) and topic != "Uncategorized":
                     texts.append(text)
                     topics.append(topic)
     except OSError as e:
-        _die(f"{path}: cannot read ({e.strerror}); run 01_clean.py first")
+        raise common.UserError(f"{path}: cannot read ({e.strerror}); run 01_clean.py first") from None
     return texts, topics
+
+
+def _subsample(rng, texts, labels, n):
+    if n is None or n >= len(texts):
+        return texts, labels
+    pick = sorted(rng.choice(len(texts), n, replace=False))
+    return [texts[i] for i in pick], [labels[i] for i in pick]
+
+
+def load_articles(data, max_train=None, max_test=None, seed=0):
+    """The labelled articles: ((train texts, topics), (test texts, topics), sorted topics).
+    Training articles come from 01_clean's train split, test articles from its val split (only
+    topics seen in training: one never trained on cannot be predicted); each set at most
+    max_train / max_test articles, drawn at random (seeded)."""
+    train_path, test_path = data / "01_clean" / "train.jsonl", data / "01_clean" / "val.jsonl"
+    train_x, train_y = read_labelled(train_path)
+    test_x, test_y = read_labelled(test_path)
+    classes = sorted(set(train_y))
+    if len(classes) < 2:
+        raise common.UserError(f"{train_path}: needs Wikipedia articles of at least two topics "
+                               "(the built-in corpus; a user corpus carries no topic labels)")
+    keep = [i for i, t in enumerate(test_y) if t in classes]
+    test_x, test_y = [test_x[i] for i in keep], [test_y[i] for i in keep]
+    if not test_x:
+        raise common.UserError(f"{test_path}: no labelled test articles of the training topics")
+    rng = np.random.default_rng(seed)
+    train = _subsample(rng, train_x, train_y, max_train)
+    return train, _subsample(rng, test_x, test_y, max_test), classes
+
+
+def load_base(data, ckpt_path, device):
+    """The tokenizer of 02_tokenize and the pretrained model to adapt."""
+    try:
+        tok = importlib.import_module("02_tokenize").load_tokenizer(data / "02_tokenize")
+        base, _ = model_lib.load_model(ckpt_path, device=device)
+    except ValueError as e:   # common.UserError among them: a missing or damaged file, named
+        raise common.UserError(f"{e}; run 02_tokenize.py and 04_train.py first, or pass --ckpt") from None
+    except RuntimeError as e:   # a device torch knows but cannot use, e.g. cuda:3 on one GPU
+        raise common.UserError(f"--device {device}: {str(e).splitlines()[0]}") from None
+    if tok.n_vocab > base.config.vocab_size:
+        raise common.UserError(f"{ckpt_path}: vocabulary {base.config.vocab_size} is smaller than the "
+                               f"tokenizer's {tok.n_vocab}")
+    return tok, base
+
+
+def fit_max_len(max_len, n_prompt, block_size):
+    """Tokens read from each article: max_len, or by default MAX_LEN shortened to leave room for
+    the soft prompt in the model's block."""
+    if max_len is None:
+        return max(1, min(MAX_LEN, block_size - n_prompt))
+    if max_len + n_prompt > block_size:
+        raise common.UserError(f"--max-len {max_len} (+ --n-prompt) exceeds the model's block_size {block_size}")
+    return max_len
 
 
 def metrics(true, pred, classes):
@@ -408,6 +467,45 @@ def metrics(true, pred, classes):
             "confusion": cm.tolist()}
 
 
+def saved_bytes(obj):
+    """Size of obj as torch.save writes it: what a method's checkpoint costs on disk."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.tell()
+
+
+def train_and_score(method, base, tok, train, test, classes, args):
+    """Train one method on the training articles and test it: (classifier, its figures, its predictions)."""
+    clf, info = train_classifier(base, tok, *train, method, args.steps, LR[method], args.batch_size,
+                                 args.max_len, args.seed, args.device, head_lr=LR["head"], pool=args.pool,
+                                 n_prompt=args.n_prompt, lora_targets=args.lora_targets, lora_r=args.lora_r,
+                                 lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT)
+    pred, _ = predict(clf, tok, test[0], args.max_len, args.device)
+    # the file this method has to ship: whatever it trained (for "full", the whole model)
+    ship = {n: p.detach() for n, p in clf.named_parameters() if p.requires_grad}
+    result = {**info, **metrics(test[1], pred, classes), "checkpoint_bytes": saved_bytes(ship)}
+    print(f"  {method:<6} accuracy {result['accuracy']:.1%}  ({info['train_seconds']:.0f} s)", flush=True)
+    return clf, result, pred
+
+
+def save_lora_outputs(clf, tok, texts, base, args, ckpt_path, out):
+    """out/adapter.pt (the adapters and head alone), then out/merged.pt: the adapters folded into
+    the weights, an ordinary 03_model checkpoint with the head under "classifier". Returns the
+    largest difference between the merged model's logits and the adapter model's on a few texts:
+    merging must not change what the classifier predicts."""
+    save_adapter(clf, out / "adapter.pt")
+    idx, mask = make_batch(encode_texts(tok, texts[:32], args.max_len), args.device)
+    with torch.no_grad():
+        before = clf(idx, mask)
+        merge_lora(clf.model)
+        diff = float((clf(idx, mask) - before).abs().max())
+    common.save_checkpoint({"model": clf.model.state_dict(), "config": vars(base.config).copy(),
+                            "classifier": {"head": clf.head.state_dict(), "classes": clf.classes,
+                                           "pool": args.pool, "max_len": args.max_len},
+                            "base": str(ckpt_path)}, out / "merged.pt")
+    return diff
+
+
 def paired_gain(true, pred_a, pred_b):
     """Accuracy of b minus accuracy of a on the same test items, with a 95% confidence interval.
 
@@ -424,11 +522,61 @@ def paired_gain(true, pred_a, pred_b):
     return d, d - 1.96 * se, d + 1.96 * se
 
 
-def saved_bytes(obj):
-    """Size of obj as torch.save writes it: what a method's checkpoint costs on disk."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.tell()
+def compare_methods(results, preds, test_y, model_bytes, out):
+    """Add each method's share of full's parameters and of the model's file to its figures, and
+    return the issue's targets for LoRA, each with whether it is met (key + "_ok")."""
+    ref = results.get("full")
+    for r in results.values():
+        r["param_share_of_full"] = r["trainable_params"] / ref["trainable_params"] if ref else None
+        r["checkpoint_share_of_model"] = r["checkpoint_bytes"] / model_bytes
+    targets = {}
+    if "lora" in results:
+        lo = results["lora"]
+        targets["adapter_file_share"] = (out / "adapter.pt").stat().st_size / (out / "merged.pt").stat().st_size
+        targets["adapter_file_share_ok"] = targets["adapter_file_share"] < 0.05
+        if ref:
+            targets["lora_minus_full_points"] = 100 * (lo["accuracy"] - ref["accuracy"])
+            targets["lora_minus_full_points_ok"] = targets["lora_minus_full_points"] >= -2
+            targets["lora_param_share"] = lo["param_share_of_full"]
+            targets["lora_param_share_ok"] = targets["lora_param_share"] < 0.02
+        if "head" in results:
+            gain, low, high = paired_gain(test_y, preds["head"], preds["lora"])
+            targets["lora_gain_over_head_points"] = 100 * gain
+            targets["lora_gain_over_head_95ci_low_points"] = 100 * low
+            targets["lora_gain_over_head_95ci_low_points_ok"] = low > 0   # a clear gain
+    return targets
+
+
+def report_markdown(report):
+    """(the results table, every line of report.md) from report.json's contents."""
+    results, targets, args = report["methods"], report["targets"], report["args"]
+    full = "full" in results
+    mib = lambda b: f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 2**10:.0f} KiB"
+    rows = [f"| {m} | {r['accuracy']:.1%} | {r['macro_f1']:.3f} | {r['trainable_params']:,} | "
+            + (f"{r['param_share_of_full']:.2%}" if full else "-")
+            + f" | {mib(r['checkpoint_bytes'])} | {r['train_seconds']:.0f} s | {mib(r['train_state_bytes'])} | "
+            + (mib(r["peak_cuda_bytes"]) if r["peak_cuda_bytes"] else mib(r["peak_rss_bytes"])) + " |"
+            for m, r in results.items()]
+    mem = "CUDA peak" if report["device"].startswith("cuda") else "peak RSS"
+    table = ["| method | accuracy | macro-F1 | trainable params | of full | checkpoint | train time "
+             f"| params+grads+AdamW | {mem} |", "|---|---|---|---|---|---|---|---|---|", *rows]
+    lines = [f"# Step 8: topic classification, {len(report['classes'])} topics",
+             "", f"Base model `{report['base_checkpoint']}`; {report['n_train']} training and {report['n_test']} "
+             f"test articles (majority class {report['majority_baseline']:.1%}); {args['steps']} steps x "
+             f"{args['batch_size']} for every method; features: {args['pool']} of the final hidden states.",
+             "", *table, ""]
+    if "head" in results and "lora" in results:
+        lines.append(f"Before/after: frozen model + head {results['head']['accuracy']:.1%} -> LoRA "
+                     f"{results['lora']['accuracy']:.1%} ({targets['lora_gain_over_head_points']:+.1f} points, "
+                     f"95% interval from {targets['lora_gain_over_head_95ci_low_points']:+.1f}).")
+    for k, v in targets.items():
+        if not k.endswith("_ok"):
+            met = f" ({'met' if targets[k + '_ok'] else 'NOT met'})" if k + "_ok" in targets else ""
+            lines.append(f"- {k}: {v:.4g}{met}")
+    if "merge_max_abs_diff" in report:
+        lines.append(f"- merged vs adapter logits, max abs difference: {report['merge_max_abs_diff']:.2e}")
+    lines += ["", "![confusion matrices](confusion.png)", "", "![training loss](loss.png)", ""]
+    return table, lines
 
 
 def plot(results, classes, out):
@@ -460,186 +608,98 @@ def plot(results, classes, out):
     plt.close(fig)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Fine-tune the pretrained GPT as a topic classifier: "
-                                 "frozen head vs LoRA vs full fine-tuning vs prompt tuning.")
-    ap.error = lambda msg: _die(msg)   # one line and exit 2 for bad flags, like every other error
+def method_list(text):
+    """argparse type of --methods: distinct names from METHODS, comma-separated."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
+        raise argparse.ArgumentTypeError(f"give distinct names from {','.join(METHODS)}, got {text!r}")
+    return methods
+
+
+def device_name(text):
+    """argparse type of --device: auto (CUDA when present), or a device torch knows and has."""
+    if text != "auto":
+        try:
+            kind = torch.device(text).type
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available")
+    return common.pick_device(text)
+
+
+def parse_args(argv=None):
+    ap = common.ArgumentParser(description="Fine-tune the pretrained GPT as a topic classifier: "
+                               "frozen head vs LoRA vs full fine-tuning vs prompt tuning.")
     a = ap.add_argument
     a("--data", default="data", metavar="DIR", help="reads DIR/01_clean, 02_tokenize, 04_train; writes DIR/06_finetune_lora")
     a("--ckpt", default=None, help="base checkpoint (default DIR/04_train/ckpt.pt)")
-    a("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    # 450 x 16 = one pass over the 7,119 training articles. At 150 steps (a third of a pass)
-    # LoRA and full fine-tuning had not finished learning, the head had: LoRA's gain over it
-    # was 4.3 points; at 450, 5.5 (seeds 1, 2: 6.0, 6.2), at 600, 6.9 (on the 4-layer base
-    # model of the time). On today's default model 900 steps gained nothing (LoRA 85.5%
-    # against 85.7%). Each 100 steps cost about 26 s over the four methods on a 2-core CPU.
-    a("--steps", type=int, default=450, help="optimizer steps per method (the shared budget)")
-    a("--batch-size", type=int, default=16)
-    a("--max-len", type=int, default=None,
-      help="tokens read from each article (default 64, less if the model's block is shorter)")
-    a("--lr-head", type=float, default=1e-2, help="learning rate of the new head (every method)")
-    a("--lr-lora", type=float, default=1e-2)
-    a("--lr-full", type=float, default=3e-4, help="small: large steps destroy what pretraining learnt")
-    a("--lr-prompt", type=float, default=1e-2)
-    # Defaults measured on the built-in corpus (seed 0, 150 steps): every linear layer at rank 2
-    # reached 77.5% with 1.4% of full's parameters; attention only at rank 8 (1.9%) reached
-    # 75.4%. Spread thin over all layers beats deep in a few, as QLoRA found.
+    a("--methods", type=method_list, default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    # 450 x 16: about one pass over the built-in corpus's training articles. What fewer and more
+    # steps gave is in docs/experiments.md (fine-tuning).
+    a("--steps", type=common.positive_int, default=450, help="optimizer steps per method (the shared budget)")
+    a("--batch-size", type=common.positive_int, default=16)
+    a("--max-len", type=common.positive_int, default=None,
+      help=f"tokens read from each article (default {MAX_LEN}, less if the model's block is shorter)")
+    # Every linear layer at a low rank: spread thin over all layers beat deep in a few, as QLoRA
+    # found (docs/experiments.md, "where the adapters go").
     a("--lora-targets", default="all", choices=sorted(LORA_TARGETS))
-    a("--lora-r", type=int, default=2, help="rank of the update B A")
-    a("--lora-alpha", type=float, default=4, help="update scaled by alpha / r")
-    a("--lora-dropout", type=float, default=0.0)
-    a("--n-prompt", type=int, default=16, help="soft-prompt vectors (prompt tuning)")
+    a("--lora-r", type=common.positive_int, default=2, help=f"rank of the update B A (scaled by {LORA_ALPHA:g} / r)")
+    a("--n-prompt", type=common.positive_int, default=16, help="soft-prompt vectors (prompt tuning)")
     a("--pool", default="mean", choices=["mean", "last", "max"],
       help="features: mean of the text's hidden states, the last one, or their element-wise max")
-    a("--max-train", type=int, default=None, help="use at most N training articles (random, seeded)")
-    a("--max-test", type=int, default=None, help="test on at most N articles")
-    a("--seed", type=int, default=0)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    args = ap.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
-        _die(f"--methods {args.methods!r}: give distinct names from {','.join(METHODS)}")
-    for flag in ("steps", "batch_size", "max_len", "lora_r", "n_prompt", "max_train", "max_test"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            _die(f"--{flag.replace('_', '-')} must be a positive integer, got {v}")
-    if not 0 <= args.lora_dropout < 1:
-        _die(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    a("--max-train", type=common.positive_int, default=None, help="use at most N training articles (random, seeded)")
+    a("--max-test", type=common.positive_int, default=None, help="test on at most N articles")
+    a("--seed", type=common.natural_int, default=0)
+    a("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    a("--threads", type=common.natural_int, default=0, help="torch threads (0: PyTorch's default)")
+    return ap.parse_args(argv)
+
+
+def run(argv=None):
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
     data = Path(args.data)
     ckpt_path = Path(args.ckpt) if args.ckpt else data / "04_train" / "ckpt.pt"
-    try:
-        tok = importlib.import_module("02_tokenize").load_tokenizer(data / "02_tokenize")
-        base, _ = model_lib.load_model(ckpt_path, device=args.device)
-    except ValueError as e:
-        _die(f"{e} (run 02_tokenize.py and 04_train.py first, or pass --ckpt)")
-    except RuntimeError as e:   # e.g. --device cuda without a GPU
-        _die(f"--device {args.device}: {str(e).splitlines()[0]}")
-    if tok.n_vocab > base.config.vocab_size:
-        _die(f"{ckpt_path}: vocabulary {base.config.vocab_size} is smaller than the tokenizer's {tok.n_vocab}")
-    n_prompt = args.n_prompt if "prompt" in methods else 0
-    if args.max_len is None:
-        args.max_len = max(1, min(64, base.config.block_size - n_prompt))
-    if args.max_len + n_prompt > base.config.block_size:
-        _die(f"--max-len {args.max_len} (+ --n-prompt) exceeds the model's block_size {base.config.block_size}")
-
-    train_x, train_y = read_labelled(data / "01_clean" / "train.jsonl")
-    test_x, test_y = read_labelled(data / "01_clean" / "val.jsonl")
-    classes = sorted(set(train_y))
-    if len(classes) < 2:
-        _die(f"{data / '01_clean' / 'train.jsonl'}: needs Wikipedia articles of at least two topics "
-             "(the built-in corpus; a user corpus carries no topic labels)")
-    keep = [i for i, t in enumerate(test_y) if t in classes]   # a topic never trained on cannot be predicted
-    test_x, test_y = [test_x[i] for i in keep], [test_y[i] for i in keep]
-    if not test_x:
-        _die(f"{data / '01_clean' / 'val.jsonl'}: no labelled test articles of the training topics")
-    rng = np.random.default_rng(args.seed)
-    if args.max_train and args.max_train < len(train_x):
-        pick = sorted(rng.choice(len(train_x), args.max_train, replace=False))
-        train_x, train_y = [train_x[i] for i in pick], [train_y[i] for i in pick]
-    if args.max_test and args.max_test < len(test_x):
-        pick = sorted(rng.choice(len(test_x), args.max_test, replace=False))
-        test_x, test_y = [test_x[i] for i in pick], [test_y[i] for i in pick]
-    print(f"{len(classes)} topics, {len(train_x)} training and {len(test_x)} test articles; "
-          f"{args.steps} steps x {args.batch_size} per method on {args.device}", flush=True)
+    tok, base = load_base(data, ckpt_path, args.device)
+    args.max_len = fit_max_len(args.max_len, args.n_prompt if "prompt" in args.methods else 0,
+                               base.config.block_size)
+    train, test, classes = load_articles(data, args.max_train, args.max_test, args.seed)
 
     out = data / "06_finetune_lora"
-    tmp = out.with_name(f".06_finetune_lora.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    kw = dict(pool=args.pool, n_prompt=args.n_prompt, lora_targets=args.lora_targets, lora_r=args.lora_r,
-              lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
-    results, preds, extra = {}, {}, {}
-    try:
-        for m in methods:
-            clf, info = train_classifier(base, tok, train_x, train_y, m, args.steps, getattr(args, f"lr_{m}"),
-                                         args.batch_size, args.max_len, args.seed, args.device,
-                                         head_lr=args.lr_head, **kw)
-            pred, _ = predict(clf, tok, test_x, args.max_len, args.device)
-            preds[m] = pred
-            # the file this method has to ship: whatever it trained (for "full", the whole model)
-            ship = {n: p.detach() for n, p in clf.named_parameters() if p.requires_grad}
-            results[m] = {**info, **metrics(test_y, pred, classes), "checkpoint_bytes": saved_bytes(ship)}
-            print(f"  {m:<6} accuracy {results[m]['accuracy']:.1%}  ({info['train_seconds']:.0f} s)", flush=True)
+    # every file or none; and a folder that cannot be written fails here, before any training
+    with common.output_dir(out) as tmp:
+        print(f"{len(classes)} topics, {len(train[0])} training and {len(test[0])} test articles; "
+              f"{args.steps} steps x {args.batch_size} per method on {args.device}", flush=True)
+        results, preds, extra = {}, {}, {}
+        for m in args.methods:
+            clf, results[m], preds[m] = train_and_score(m, base, tok, train, test, classes, args)
             if m == "lora":
-                save_adapter(clf, tmp / "adapter.pt")
-                # merge, and check the merged model predicts what the adapter model predicted
-                idx, mask = make_batch(encode_texts(tok, test_x[:32], args.max_len), args.device)
-                with torch.no_grad():
-                    before = clf(idx, mask)
-                    merge_lora(clf.model)
-                    extra["merge_max_abs_diff"] = float((clf(idx, mask) - before).abs().max())
-                common.save_checkpoint({"model": clf.model.state_dict(), "config": vars(base.config).copy(),
-                                           "classifier": {"head": clf.head.state_dict(), "classes": classes,
-                                                          "pool": args.pool, "max_len": args.max_len},
-                                           "base": str(ckpt_path)}, tmp / "merged.pt")
+                extra["merge_max_abs_diff"] = save_lora_outputs(clf, tok, test[0], base, args, ckpt_path, tmp)
             del clf
         model_bytes = saved_bytes({"model": base.state_dict(), "config": vars(base.config)})
-
-        # ---- the figures
-        ref = results.get("full")
-        for m, r in results.items():
-            r["param_share_of_full"] = r["trainable_params"] / ref["trainable_params"] if ref else None
-            r["checkpoint_share_of_model"] = r["checkpoint_bytes"] / model_bytes
-        targets = {}
-        if "lora" in results:
-            lo = results["lora"]
-            targets["adapter_file_share"] = (tmp / "adapter.pt").stat().st_size / (tmp / "merged.pt").stat().st_size
-            targets["adapter_file_share_ok"] = targets["adapter_file_share"] < 0.05
-            if ref:
-                targets["lora_minus_full_points"] = 100 * (lo["accuracy"] - ref["accuracy"])
-                targets["lora_minus_full_points_ok"] = targets["lora_minus_full_points"] >= -2
-                targets["lora_param_share"] = lo["param_share_of_full"]
-                targets["lora_param_share_ok"] = targets["lora_param_share"] < 0.02
-            if "head" in results:
-                gain, low, high = paired_gain(test_y, preds["head"], preds["lora"])
-                targets["lora_gain_over_head_points"] = 100 * gain
-                targets["lora_gain_over_head_95ci_low_points"] = 100 * low
-                targets["lora_gain_over_head_95ci_low_points_ok"] = low > 0   # a clear gain
-        report = {"base_checkpoint": str(ckpt_path), "classes": classes, "n_train": len(train_x),
-                  "n_test": len(test_x), "majority_baseline": max(test_y.count(c) for c in classes) / len(test_y),
-                  "model_file_bytes": model_bytes, "device": args.device, "args": vars(args),
+        targets = compare_methods(results, preds, test[1], model_bytes, tmp)
+        report = {"base_checkpoint": str(ckpt_path), "classes": classes, "n_train": len(train[0]),
+                  "n_test": len(test[0]), "majority_baseline": max(map(test[1].count, classes)) / len(test[1]),
+                  "model_file_bytes": model_bytes, "device": args.device,
+                  "args": {**vars(args), "lr": LR, "lora_alpha": LORA_ALPHA, "lora_dropout": LORA_DROPOUT},
                   "methods": results, "targets": targets, **extra}
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         plot(results, classes, tmp)
-
-        mib = lambda b: f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 2**10:.0f} KiB"
-        rows = [f"| {m} | {r['accuracy']:.1%} | {r['macro_f1']:.3f} | {r['trainable_params']:,} | "
-                + (f"{r['param_share_of_full']:.2%}" if ref else "-")
-                + f" | {mib(r['checkpoint_bytes'])} | {r['train_seconds']:.0f} s | {mib(r['train_state_bytes'])} | "
-                + (mib(r["peak_cuda_bytes"]) if r["peak_cuda_bytes"] else mib(r["peak_rss_bytes"])) + " |"
-                for m, r in results.items()]
-        mem = "CUDA peak" if args.device.startswith("cuda") else "peak RSS"
-        table = ["| method | accuracy | macro-F1 | trainable params | of full | checkpoint | train time "
-                 f"| params+grads+AdamW | {mem} |", "|---|---|---|---|---|---|---|---|---|", *rows]
-        lines = [f"# Step 8: topic classification, {len(classes)} topics",
-                 "", f"Base model `{ckpt_path}`; {len(train_x)} training and {len(test_x)} test articles "
-                 f"(majority class {report['majority_baseline']:.1%}); {args.steps} steps x {args.batch_size} "
-                 f"for every method; features: {args.pool} of the final hidden states.", "", *table, ""]
-        if "head" in results and "lora" in results:
-            lines.append(f"Before/after: frozen model + head {results['head']['accuracy']:.1%} -> LoRA "
-                         f"{results['lora']['accuracy']:.1%} ({targets['lora_gain_over_head_points']:+.1f} points, "
-                         f"95% interval from {targets['lora_gain_over_head_95ci_low_points']:+.1f}).")
-        for k, v in targets.items():
-            if not k.endswith("_ok"):
-                lines.append(f"- {k}: {v:.4g}" + (f" ({'met' if targets[k + '_ok'] else 'NOT met'})" if k + "_ok" in targets else ""))
-        if "merge_max_abs_diff" in extra:
-            lines.append(f"- merged vs adapter logits, max abs difference: {extra['merge_max_abs_diff']:.2e}")
-        lines += ["", "![confusion matrices](confusion.png)", "", "![training loss](loss.png)", ""]
+        table, lines = report_markdown(report)
         (tmp / "report.md").write_text("\n".join(lines))
 
-        common.replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print()
     print("\n".join(table))
     for line in lines:
         if line.startswith(("Before", "- ")):
             print(line)
     print(f"wrote {out}/ (adapter.pt, merged.pt, report.json, report.md, confusion.png, loss.png)")
+
+
+def main(argv=None):
+    common.main(__file__, run, argv)
 
 
 if __name__ == "__main__":

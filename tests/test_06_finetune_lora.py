@@ -4,14 +4,19 @@ step may move, the adapter file against the in-memory classifier, and the stage 
 (the merged checkpoint against the adapter on a fresh base; bad input -> exit 2)."""
 import dataclasses
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
 import common
-from conftest import load, run
+from conftest import ROOT, load, run
 
 m = load("03_model")
 L = load("06_finetune_lora")
@@ -203,6 +208,8 @@ def test_adapter_file_reproduces_the_finetuned_classifier(tok, tmp_path):
     p1, probs1 = L.predict(clf, tok, texts, max_len=24)
     p2, probs2 = L.predict(fresh, tok, texts, max_len=24)
     assert p1 == p2 and fresh.classes == clf.classes == sorted(TOPICS)
+    # and what it learned is each text's own label: most training texts get their topic (chance: 1/3)
+    assert sum(p == l for p, l in zip(p1, labels)) / len(labels) >= 0.8
     torch.testing.assert_close(torch.tensor(probs2), torch.tensor(probs1), atol=1e-6, rtol=0)
     # loading onto a model the adapter does not fit is a one-line ValueError
     with pytest.raises(ValueError, match="adapter"):
@@ -257,11 +264,34 @@ def test_stage_end_to_end(data, tok):
     torch.testing.assert_close(torch.tensor(pm), torch.tensor(pa), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["no_ckpt", "steps", "methods", "no_topics", "bad_json", "too_long"])
+def files(folder):
+    """{path: bytes} of every file under folder ({} when it does not exist)."""
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# each case, and what its one line must name: the file or the flag
+BAD_INPUT = {"no_ckpt": "missing.pt", "steps": "--steps", "methods": "--methods", "no_topics": "train.jsonl",
+             "bad_json": "train.jsonl", "too_long": "--max-len", "not_utf8": "train.jsonl:2",
+             "read_only": "{data}", "threads": "--threads", "seed": "--seed", "bad_ckpt": "bad.pt",
+             "small_vocab": "small.pt"}
+EARLIER = ("not_utf8", "read_only")   # cases in a folder of their own that holds an earlier output
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_exits_2_with_one_line(data, tmp_path, capsys, case):
     args = ["--data", str(data), "--steps", "1", "--device", "cpu"]
     if case == "no_ckpt":
         args += ["--ckpt", str(tmp_path / "missing.pt")]
+    elif case in ("threads", "seed"):
+        args += [f"--{case}", "-1"]
+    elif case == "bad_ckpt":
+        (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 a damaged zip, not a checkpoint")
+        args += ["--ckpt", str(tmp_path / "bad.pt")]
+    elif case == "small_vocab":   # a model whose 128 ids cannot hold the tokenizer's 257
+        small = m.GPT(dataclasses.replace(m.PRESETS["tiny"], vocab_size=128, vocab_used=128))
+        common.save_checkpoint({"model": small.state_dict(), "config": dataclasses.asdict(small.config)},
+                               tmp_path / "small.pt")
+        args += ["--ckpt", str(tmp_path / "small.pt")]
     elif case == "steps":
         args += ["--steps", "0"]
     elif case == "methods":
@@ -276,12 +306,43 @@ def test_bad_input_exits_2_with_one_line(data, tmp_path, capsys, case):
         line = json.dumps({"text": "user text", "source": "notes.txt", "topic": None, "title": None})
         (d / "01_clean" / "train.jsonl").write_text(line + "\n" + ("{oops\n" if case == "bad_json" else ""))
         (d / "01_clean" / "val.jsonl").write_text(line + "\n")
+        if case == "not_utf8":   # line 2 in Latin-1, not UTF-8
+            bad = json.dumps({"text": "café", "source": "wikipedia", "topic": "Places"}, ensure_ascii=False)
+            (d / "01_clean" / "train.jsonl").write_bytes(f"{line}\n{bad}\n".encode("latin-1"))
+        if case == "read_only":   # inputs that are fine, in a folder that cannot take the output
+            for x in ("train", "val"):
+                (d / "01_clean" / f"{x}.jsonl").write_bytes((data / "01_clean" / f"{x}.jsonl").read_bytes())
         args[1] = str(d)
-    with pytest.raises(SystemExit) as e:
-        L.main(args)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("06_finetune_lora.py:"), err
-    assert not (tmp_path / "d" / "06_finetune_lora").exists()
+    out = Path(args[1]) / "06_finetune_lora"
+    if case in EARLIER:
+        out.mkdir()
+        (out / "report.json").write_text('{"an earlier run": true}\n')
+    before = files(out)
+    if case == "read_only":
+        out.parent.chmod(0o555)
+    try:
+        if case == "read_only" and os.access(out.parent, os.W_OK):   # root: not without its power
+            if not shutil.which("setpriv"):
+                pytest.skip("running as root, which writes into read-only folders, and no setpriv")
+            r = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner",
+                                sys.executable, str(ROOT / "06_finetune_lora.py"), *args],
+                               capture_output=True, text=True, timeout=600)
+            if r.stderr.startswith("setpriv:"):
+                pytest.skip(f"running as root, and setpriv cannot give up its power: {r.stderr.strip()}")
+            code, err = r.returncode, r.stderr.strip()
+        else:
+            with pytest.raises(SystemExit) as e:
+                L.main(args)
+            code, err = e.value.code, capsys.readouterr().err.strip()
+    finally:
+        if case == "read_only":
+            out.parent.chmod(0o755)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("06_finetune_lora.py:"), err
+    assert "Traceback" not in err and BAD_INPUT[case].format(data=out.parent) in err, err
+    # the earlier output as it was, byte for byte, and no temporary folder left beside it
+    assert files(out) == before and not list(out.parent.glob(".06_finetune_lora*"))
+    if case not in EARLIER:
+        assert not (tmp_path / "d" / "06_finetune_lora").exists()
 
 
 def test_default_max_len_fits_a_short_context(data, tmp_path):
