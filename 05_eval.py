@@ -519,8 +519,6 @@ def parse_args(argv):
       help="step between validation windows (default: the model's block_size, i.e. no overlap)")
     a("--max-val-tokens", type=common.natural_int, default=65536, metavar="N",
       help="score at most this many val tokens, in evenly spaced windows; 0 = the whole split (default 65536)")
-    a("--baseline-tokens", type=common.int_at_least(2), default=20_000_000, metavar="N",
-      help="fit the unigram/bigram baselines on this many train tokens (default 20M)")
     a("--add-k", type=common.positive_float, default=0.01, metavar="K",
       help="add-k smoothing of the baselines (default 0.01; zero would give unseen pairs infinite loss)")
     a("--mc-items", type=common.natural_int, default=200, metavar="N", help="multiple-choice items (default 200; 0 = skip)")
@@ -528,8 +526,12 @@ def parse_args(argv):
     a("--temperatures", type=temperatures, default=[0.0, 0.7, 1.0], metavar="T,T,...",
       help="sampling temperatures, comma-separated (0 = greedy; default 0,0.7,1.0)")
     a("--gen-tokens", type=common.positive_int, default=48, metavar="N", help="new tokens per sample (default 48)")
-    a("--speed-tokens", type=common.positive_int, default=128, metavar="N", help="tokens generated for the speed measurement (default 128)")
     a("--seed", type=common.natural_int, default=1337, metavar="N", help="seed for the benchmark items and the samples")
+    # Nobody tunes these from the command line; the tests shorten them, so they stay, hidden:
+    # train tokens the unigram/bigram baselines are counted on, and tokens generated for the
+    # speed measurement.
+    a("--baseline-tokens", type=common.int_at_least(2), default=20_000_000, help=argparse.SUPPRESS)
+    a("--speed-tokens", type=common.positive_int, default=128, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.device = common.pick_device(args.device)
     return args
