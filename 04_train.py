@@ -37,6 +37,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,14 +48,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
+from common import UserError
 
 model_lib = importlib.import_module("03_model")
 
-
-def fail(msg):
-    """A user's mistake: one line on stderr naming the file or flag, exit status 2."""
-    print(f"04_train.py: {msg}", file=sys.stderr)
-    sys.exit(2)
+# Settings nobody tunes from the command line (the runs that chose them: docs/experiments.md).
+WARMUP_LR = 1e-6       # the learning rate at step 0; warmup ramps from here to --lr
+EMBED_LR_SCALE = 8.0   # the embedding tables (token embedding = output head, value embeddings) learn at 8 x lr
+WEIGHT_DECAY = 0.1     # AdamW's decay, on matrices only (see make_optimizer)
+BETAS = (0.9, 0.99)    # Adam's decay rates of the gradient's mean and of its square
+EPS = 1e-8             # Adam's guard against dividing by zero
 
 
 # ----------------------------------------------------------------------------- data
@@ -66,24 +69,34 @@ def load_tokens(data_dir, block_size, vocab_size):
         meta = json.loads((tok / "meta.json").read_text())
         dtype, n_vocab = np.dtype(meta["dtype"]), int(meta["vocab_size"])
     except FileNotFoundError:
-        fail(f"{tok / 'meta.json'}: not found; run 02_tokenize.py first")
+        raise UserError(f"{tok / 'meta.json'}: not found; run 02_tokenize.py first") from None
     except (ValueError, KeyError, TypeError) as e:
-        fail(f"{tok / 'meta.json'}: unreadable ({type(e).__name__}: {e})")
+        raise UserError(f"{tok / 'meta.json'}: unreadable ({type(e).__name__}: {e})") from None
     if vocab_size is not None and n_vocab > vocab_size:
-        fail(f"{tok / 'meta.json'}: vocabulary of {n_vocab} tokens is larger than the model's "
-             f"vocab_size {vocab_size}; rerun 03_model.py so it picks up the tokenizer")
-    splits = []
-    for split in ("train", "val"):
-        path = tok / f"{split}.bin"
-        if not path.is_file():
-            fail(f"{path}: not found; run 02_tokenize.py first")
-        # A memmap reads pages from disk on demand: the corpus never has to fit in RAM.
-        arr = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
-        if len(arr) < block_size + 1:
-            fail(f"{path}: {len(arr)} tokens, fewer than the context of {block_size} + 1; "
-                 "use more data or a model with a smaller block_size")
-        splits.append(arr)
-    return meta, splits[0], splits[1]
+        raise UserError(f"{tok / 'meta.json'}: vocabulary of {n_vocab} tokens is larger than the model's "
+                        f"vocab_size {vocab_size}; rerun 03_model.py so it picks up the tokenizer")
+    return (meta, *(open_tokens(tok / f"{split}.bin", dtype, n_vocab, block_size) for split in ("train", "val")))
+
+
+def open_tokens(path, dtype, n_vocab, block_size):
+    """One split's tokens as a memmap, checked: whole tokens, enough of them, every id in the vocabulary."""
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run 02_tokenize.py first")
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise UserError(f"{path}: {size} bytes is not a whole number of {dtype} tokens "
+                        f"({dtype.itemsize} bytes each); a damaged file, rerun 02_tokenize.py")
+    # A memmap reads pages from disk on demand: the corpus never has to fit in RAM.
+    arr = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+    if len(arr) < block_size + 1:
+        raise UserError(f"{path}: {len(arr)} tokens, fewer than the context of {block_size} + 1; "
+                        "use more data or a model with a smaller block_size")
+    # one pass over the file now, rather than an index error in the embedding at some step later
+    top = int(arr.max())
+    if top >= n_vocab:
+        raise UserError(f"{path}: token id {top} is outside the vocabulary of {n_vocab} tokens "
+                        f"(its meta.json); rerun 02_tokenize.py")
+    return arr
 
 
 def document_difficulty(tokens, docs_path, vocab_size):
@@ -98,9 +111,12 @@ def document_difficulty(tokens, docs_path, vocab_size):
         starts = np.array([r["start"] for r in rows], dtype=np.int64)
         lengths = np.array([r["length"] for r in rows], dtype=np.int64)
     except FileNotFoundError:
-        fail(f"{docs_path}: not found; --curriculum needs 02_tokenize's document index")
+        raise UserError(f"{docs_path}: not found; --curriculum needs 02_tokenize's document index") from None
     except (ValueError, KeyError, TypeError) as e:
-        fail(f"{docs_path}: unreadable ({type(e).__name__}: {e})")
+        raise UserError(f"{docs_path}: unreadable ({type(e).__name__}: {e})") from None
+    if len(rows) == 0 or starts.min() < 0 or lengths.min() < 0 or (starts + lengths).max() > len(tokens):
+        raise UserError(f"{docs_path}: its documents do not fit the {len(tokens)} tokens of train.bin; "
+                        "rerun 02_tokenize.py")
     counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64) + 1.0
     surprisal = -np.log(counts / counts.sum())
     cum = np.concatenate([[0.0], np.cumsum(surprisal[tokens])])
@@ -157,7 +173,7 @@ def get_batch(tokens, starts, T, device):
 def setup_distributed(device_flag):
     """One process by default; under torchrun, join the process group. Returns (rank, world, device)."""
     if device_flag == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA device is available")
+        raise UserError("--device cuda: no CUDA device is available")
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device_flag)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -168,6 +184,22 @@ def setup_distributed(device_flag):
         return rank, world, torch.device("cuda", local_rank)
     dist.init_process_group("gloo")  # CPU: gloo over TCP/shared memory
     return rank, world, torch.device("cpu")
+
+
+@contextlib.contextmanager
+def process_group(device_flag):
+    """setup_distributed() for the block, and end_distributed() after it. A rank whose block
+    raises (a user's mistake, Ctrl-C twice) leaves the group at once instead: the other ranks
+    may never reach a barrier. It exits (status 2 and one line, for a user's mistake), and
+    torchrun then stops the others."""
+    rank, world, device = setup_distributed(device_flag)
+    try:
+        yield rank, world, device
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    end_distributed()
 
 
 def end_distributed():
@@ -195,7 +227,7 @@ def make_optimizer(model, lr, weight_decay, betas, eps, device_type, embed_lr_sc
     on the RMSNorm gains it would fight the scale they exist to set, so 1-D tensors are
     exempt. The embedding tables (the token embedding, which is also the output head, and the
     value embeddings) get their own, larger rate: with it the default model reached a lower
-    loss in the same time (measured: see the README); small GPT speedruns make the same
+    loss in the same time (see docs/experiments.md); small GPT speedruns make the same
     choice. Each group's "lr_scale" multiplies the schedule's rate. fused=True does the whole
     update in one CUDA kernel instead of one per tensor.
     """
@@ -319,124 +351,98 @@ def save_plots(metrics, folder):
     plt.close("all")
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- setting up a run
 
-# Flags that define the run's maths, and which step's model becomes ckpt.pt (the evaluation
+# Settings that define the run's maths, and which step's model becomes ckpt.pt (the evaluation
 # schedule): --resume restores them from the checkpoint, so a resumed run is the same run and
-# writes the same files. Everything else (device, threads, logging) may change between runs.
-RUN_FLAGS = ("batch_size", "lr", "embed_lr_scale", "min_lr", "warmup_steps", "warmup_lr", "decay_steps", "weight_decay",
-             "beta1", "beta2", "eps", "clip", "clip_mode", "dtype", "seed", "curriculum", "max_steps",
+# writes the same files. Everything else (device, threads) may change between runs.
+# decay_steps is no flag: it is the first run's length, so a run continued for more steps goes
+# on at min_lr instead of starting a new cosine.
+RUN_FLAGS = ("batch_size", "lr", "min_lr", "warmup_steps", "decay_steps", "clip", "clip_mode",
+             "dtype", "seed", "curriculum", "max_steps",
              "eval_interval", "eval_windows")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Train the GPT of 03_model.py on the tokens of 02_tokenize.py "
-                                "(one process, or DDP under torchrun).")
+    p = common.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              description="Train the GPT of 03_model.py on the tokens of 02_tokenize.py "
+                              "(one process, or DDP under torchrun).")
     a = p.add_argument
+    hidden = argparse.SUPPRESS   # flags for tests, benches and the pipeline, not for lessons
     a("--data", default="data", help="data folder: reads 02_tokenize/ and 03_model/, writes 04_train/")
-    a("--preset", default=None, help="use this 03_model preset instead of data/03_model/config.json")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
       help="cuda when available")
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="autocast dtype; auto = bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU")
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
-    a("--threads", type=int, default=0, help="torch threads per process (0: PyTorch's default)")
+    a("--threads", type=common.natural_int, default=0, help="torch threads per process (0: PyTorch's default)")
     # how long
-    a("--epochs", type=float, default=None, help="passes over the training windows (default 4)")
-    a("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+    a("--epochs", type=common.positive_float, default=None, help="passes over the training windows (default 4)")
+    a("--max-steps", type=common.positive_int, default=None, help="optimizer steps; overrides --epochs")
     # batch
-    a("--batch-size", type=int, default=8, help="sequences per optimizer step, all ranks together")
-    a("--micro-batch", type=int, default=None,
+    a("--batch-size", type=common.positive_int, default=8, help="sequences per optimizer step, all ranks together")
+    a("--micro-batch", type=common.positive_int, default=None,
       help="sequences per forward pass per rank (default: batch-size / world size, no accumulation)")
     # optimiser and schedule
-    a("--lr", type=float, default=2.5e-3, help="peak learning rate")
-    a("--embed-lr-scale", type=float, default=8.0,
-      help="the embedding tables (token embedding = output head, value embeddings) learn at this x lr")
-    a("--warmup-steps", type=int, default=None, help="linear warmup length (default: a fifth of the steps)")
-    a("--warmup-lr", type=float, default=1e-6, help="learning rate at step 0")
-    a("--min-lr", type=float, default=None, help="floor of the cosine decay (default lr / 10)")
-    a("--decay-steps", type=int, default=None, help="step where the cosine reaches min-lr (default: the last)")
-    a("--weight-decay", type=float, default=0.1)
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.99)
-    a("--eps", type=float, default=1e-8)
-    a("--clip", type=float, default=1.0, help="gradient clipping threshold (norm or value)")
+    a("--lr", type=common.positive_float, default=2.5e-3, help="peak learning rate")
+    a("--warmup-steps", type=common.natural_int, default=None, help="linear warmup length (default: a fifth of the steps)")
+    a("--min-lr", type=common.natural_float, default=None, help="floor of the cosine decay (default lr / 10)")
+    a("--clip", type=common.positive_float, default=1.0, help="gradient clipping threshold (norm or value)")
     a("--clip-mode", default="norm", choices=["norm", "value", "none"])
-    a("--curriculum", type=float, default=0.0,
+    a("--curriculum", type=common.fraction, default=0.0,
       help="fraction of the steps that see the easiest windows first (short, common-token documents)")
     a("--seed", type=int, default=1337)
-    # evaluation, checkpoints, logging
-    a("--eval-interval", type=int, default=100, help="steps between validation estimates")
-    a("--eval-windows", type=int, default=64, help="validation windows per estimate (the final eval uses all)")
-    a("--save-interval", type=int, default=None, help="steps between last.pt saves (default: eval interval)")
     a("--resume", action="store_true", help="continue from last.pt (an interrupted or a finished run)")
-    a("--stop-at", type=int, default=None, help="stop as if interrupted after this step (tests, demos)")
-    a("--peak-flops", type=float, default=None, help="FLOP/s per process for MFU (default: measured)")
-    a("--wandb", action="store_true", help="also log to Weights & Biases (needs `pip install wandb`)")
-    args = p.parse_args(argv)
-    for flag in ("batch_size", "eval_interval", "eval_windows"):
-        if getattr(args, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.warmup_steps is not None and args.warmup_steps < 0:
-        fail(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
-    for flag in ("max_steps", "micro_batch", "save_interval"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.epochs is not None and args.epochs <= 0:
-        fail(f"--epochs must be positive, got {args.epochs}")
-    if not 0 <= args.curriculum <= 1:
-        fail(f"--curriculum is a fraction in [0, 1], got {args.curriculum}")
-    return args
+    # hidden: a 03_model preset instead of 03_model/config.json (bench/gpu_check.sh); how often
+    # and on how many windows to estimate the validation loss, last.pt being saved at each
+    # estimate; stop as if interrupted after a step; MFU's denominator, instead of measuring it
+    a("--preset", default=None, choices=sorted(model_lib.PRESETS), help=hidden)
+    a("--eval-interval", type=common.positive_int, default=100, help=hidden)
+    a("--eval-windows", type=common.positive_int, default=64, help=hidden)
+    a("--stop-at", type=common.positive_int, default=None, help=hidden)
+    a("--peak-flops", type=common.positive_float, default=None, help=hidden)
+    p.set_defaults(decay_steps=None)   # see RUN_FLAGS
+    return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.wandb:
-        try:
-            import wandb
-        except ImportError:
-            fail("--wandb: the wandb package is not installed (pip install wandb)")
-    rank, world, device = setup_distributed(args.device)
-    master = rank == 0
+@dataclasses.dataclass
+class Setup:
+    """What a run fixes before its first step, every input checked and nothing written yet."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    out: Path                   # data/04_train: the finished run
+    work: Path                  # data/04_train.partial: the run in progress
+    resume_from: Path | None    # the last.pt a --resume starts from
+    config: object              # 03_model's GPTConfig
+    meta: dict                  # 02_tokenize's meta.json
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    sampler: object             # make_sampler(): where the q-th training window starts
+    T: int                      # tokens per sequence
+    B: int                      # sequences per optimizer step, all ranks together
+    micro: int                  # sequences per forward pass on one rank
+    accum: int                  # forward passes per step on one rank: B = world x accum x micro
+    dtype: str
+    ptdtype: torch.dtype
+    autocast: object
+    scaler: torch.amp.GradScaler
+    schedule: dict              # lr_at()'s keywords
+    run_args: dict              # the RUN_FLAGS, saved with every checkpoint
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def set_up(args, rank, world, device):
+    """Check every input and fix the run's settings, writing nothing. Returns (Setup, the
+    checkpoint --resume starts from or None)."""
     out, work = Path(args.data) / "04_train", Path(args.data) / "04_train.partial"
-
-    # --- the state to start from: a checkpoint (resume) or a config (fresh run)
-    state = None
-    if args.resume:
-        src = next((f / "last.pt" for f in (work, out) if (f / "last.pt").is_file()), None)
-        if src is None:
-            fail(f"--resume: no last.pt in {work} or {out}")
-        try:
-            state = torch.load(src, map_location="cpu", weights_only=True)
-            config = model_lib.GPTConfig(**state["config"])
-            saved = {k: state["args"][k] for k in RUN_FLAGS}
-            int(state["step"])
-        except Exception as e:
-            fail(f"{src}: not a usable training checkpoint ({type(e).__name__}: {str(e)[:200]})")
-        explicit_length = args.max_steps is not None or args.epochs is not None
-        for k in RUN_FLAGS:
-            if not (k == "max_steps" and explicit_length):
-                setattr(args, k, saved[k])
-        if master and src.parent == out:  # continuing a finished run: work on a copy of it
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.copytree(out, work)
-    elif args.preset:
-        if args.preset not in model_lib.PRESETS:
-            fail(f"--preset {args.preset}: unknown, choose from {', '.join(model_lib.PRESETS)}")
-        config = model_lib.PRESETS[args.preset]
-    else:
-        cfg_path = Path(args.data) / "03_model" / "config.json"
-        try:
-            raw = json.loads(cfg_path.read_text())
-            names = {f.name for f in dataclasses.fields(model_lib.GPTConfig)}
-            config = model_lib.GPTConfig(**{k: v for k, v in raw.items() if k in names})
-        except FileNotFoundError:
-            fail(f"{cfg_path}: not found; run 03_model.py first or pass --preset")
-        except (ValueError, TypeError, AttributeError) as e:
-            fail(f"{cfg_path}: bad model config ({type(e).__name__}: {e})")
+    if rank == 0:
+        check_writable(Path(args.data), work)
+    config, state, src = starting_point(args, out, work)
     T = config.block_size
     from_preset = args.preset and not args.resume
     meta, train_tokens, val_tokens = load_tokens(args.data, T, None if from_preset else config.vocab_size)
@@ -444,114 +450,177 @@ def main(argv=None):
         config = dataclasses.replace(config, vocab_size=64 * math.ceil(meta["vocab_size"] / 64),
                                      vocab_used=meta["vocab_size"])
 
-    # --- batch geometry: the global batch is fixed; accumulation makes up what ranks don't
+    # batch geometry: the global batch is fixed; accumulation makes up what ranks don't
     B = args.batch_size
     micro = args.micro_batch or max(1, B // world)
     if B % (micro * world):
-        fail(f"--batch-size {B} is not a multiple of --micro-batch {micro} x world size {world}")
-    accum = B // (micro * world)
+        raise UserError(f"--batch-size {B} is not a multiple of --micro-batch {micro} x world size {world}")
 
-    # --- precision: autocast runs matmuls in 16 bits, keeps weights and the optimiser in fp32
+    # precision: autocast runs matmuls in 16 bits, keeps weights and the optimiser in fp32
     dtype = args.dtype
     if dtype == "auto":
-        # On CPU fp32 is the default: bf16 only pays with AMX/AVX-512-BF16 matrix units
-        # (bench/bench_train.py measures it; on an AVX2-only CPU bf16 matmuls are ~100x slower).
+        # On CPU fp32 is the default: bf16 only pays with AMX/AVX-512-BF16 matrix units, and
+        # without them bf16 matmuls are far slower (bench/bench_train.py measures it).
         dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
     ptdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    autocast = (torch.autocast(device.type, dtype=ptdtype) if dtype != "fp32" else contextlib.nullcontext())
+    autocast = torch.autocast(device.type, dtype=ptdtype) if dtype != "fp32" else contextlib.nullcontext()
     # fp16's narrow exponent underflows small gradients: scale the loss up, unscale before step
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
 
-    # --- the data order, and how long
-    easy = None
-    sampler = make_sampler(len(train_tokens), T, args.seed)
-    if args.max_steps is None:
-        args.max_steps = max(1, math.ceil((args.epochs or 4.0) * sampler.n_chunks / B))
-    if args.curriculum:
-        starts, score = document_difficulty(train_tokens, Path(args.data) / "02_tokenize" / "train_docs.jsonl",
-                                            meta["vocab_size"])
-        # a window is as hard as the document under its middle token
-        n = sampler.n_chunks
-        mids = np.arange(n) * T + T // 2
-        chunk_score = score[np.clip(np.searchsorted(starts, mids, side="right") - 1, 0, len(score) - 1)]
-        n_easy = min(n, int(args.curriculum * args.max_steps * B))
-        easy = np.argsort(chunk_score, kind="stable")[:n_easy]
-        sampler = make_sampler(len(train_tokens), T, args.seed, easy)
-    # A long warmup: with beta2 = 0.99 Adam's second-moment estimate needs a few hundred steps
-    # to settle, and until it has, full-size steps go astray (see the README for measurements).
+    sampler = data_order(args, train_tokens, meta, T, B)
+    # A long warmup: with beta2 = 0.99 Adam's second-moment estimate averages over ~100 steps,
+    # and until it has settled, full-size steps go astray (see docs/experiments.md).
     args.warmup_steps = args.max_steps // 5 if args.warmup_steps is None else args.warmup_steps
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
     args.decay_steps = args.max_steps if args.decay_steps is None else args.decay_steps
-    schedule = dict(lr=args.lr, warmup_steps=args.warmup_steps, warmup_lr=args.warmup_lr,
+    schedule = dict(lr=args.lr, warmup_steps=args.warmup_steps, warmup_lr=WARMUP_LR,
                     decay_steps=args.decay_steps, min_lr=args.min_lr)
+    s = Setup(args, rank, world, device, out, work, src, config, meta, train_tokens, val_tokens, sampler,
+              T, B, micro, B // (micro * world), dtype, ptdtype, autocast, scaler, schedule,
+              {k: getattr(args, k) for k in RUN_FLAGS})
+    return s, state
 
-    # --- model and optimiser
-    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = model_lib.GPT(config).to(device)
-    opt = make_optimizer(model, args.lr, args.weight_decay, (args.beta1, args.beta2), args.eps, device.type,
-                         args.embed_lr_scale)
+
+def check_writable(*folders):
+    """Fail at the start, not after the training, when the outputs cannot be written: make and
+    remove a folder in each place the run will write (those that exist; the others are made)."""
+    for folder in folders:
+        if folder.is_dir():
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".04_train.probe", dir=folder))
+            except OSError as e:
+                raise UserError(f"{folder}: cannot write here ({e.strerror})") from None
+
+
+def starting_point(args, out, work):
+    """The state to start from: --resume's checkpoint, else a model config (data/03_model/ or
+    --preset). Returns (config, checkpoint or None, the checkpoint's path or None)."""
+    if args.resume:
+        src = next((f / "last.pt" for f in (work, out) if (f / "last.pt").is_file()), None)
+        if src is None:
+            raise UserError(f"--resume: no last.pt in {work} or {out}")
+        state = common.load_checkpoint(src)
+        try:
+            config = model_lib.GPTConfig(**state["config"])
+            saved = {k: state["args"][k] for k in RUN_FLAGS}
+            int(state["step"])
+        except Exception as e:
+            raise UserError(f"{src}: not a usable training checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        explicit_length = args.max_steps is not None or args.epochs is not None
+        for k in RUN_FLAGS:
+            if not (k == "max_steps" and explicit_length):
+                setattr(args, k, saved[k])
+        return config, state, src
+    if args.preset:
+        return model_lib.PRESETS[args.preset], None, None
+    cfg_path = Path(args.data) / "03_model" / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text())
+        names = {f.name for f in dataclasses.fields(model_lib.GPTConfig)}
+        return model_lib.GPTConfig(**{k: v for k, v in raw.items() if k in names}), None, None
+    except FileNotFoundError:
+        raise UserError(f"{cfg_path}: not found; run 03_model.py first or pass --preset") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{cfg_path}: bad model config ({type(e).__name__}: {e})") from None
+
+
+def data_order(args, train_tokens, meta, T, B):
+    """The order of the training windows (the curriculum's easiest first, if asked), and the
+    run's length: sets args.max_steps from --epochs (default 4) when it is not given."""
+    sampler = make_sampler(len(train_tokens), T, args.seed)
+    if args.max_steps is None:
+        args.max_steps = max(1, math.ceil((args.epochs or 4.0) * sampler.n_chunks / B))
+    if not args.curriculum:
+        return sampler
+    starts, score = document_difficulty(train_tokens, Path(args.data) / "02_tokenize" / "train_docs.jsonl",
+                                        meta["vocab_size"])
+    # a window is as hard as the document under its middle token
+    n = sampler.n_chunks
+    mids = np.arange(n) * T + T // 2
+    chunk_score = score[np.clip(np.searchsorted(starts, mids, side="right") - 1, 0, len(score) - 1)]
+    n_easy = min(n, int(args.curriculum * args.max_steps * B))
+    easy = np.argsort(chunk_score, kind="stable")[:n_easy]
+    return make_sampler(len(train_tokens), T, args.seed, easy)
+
+
+def build_model(s, state):
+    """The model and its optimiser, new or as --resume's checkpoint left them; then compiled and
+    wrapped for DDP. Returns (model to train, raw model to save, optimiser, step, best val loss)."""
+    torch.manual_seed(s.args.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    raw_model = model_lib.GPT(s.config).to(s.device)
+    opt = make_optimizer(raw_model, s.args.lr, WEIGHT_DECAY, BETAS, EPS, s.device.type, EMBED_LR_SCALE)
     step, best_val = 0, float("inf")
     if state is not None:
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, best_val = int(state["step"]), float(state["best_val_loss"])
-        torch.set_rng_state(state["rng"]["torch"])
-    raw_model = model  # checkpoints come from here: no "_orig_mod." or "module." prefixes
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        try:
+            raw_model.load_state_dict(common.strip_prefixes(state["model"]))
+            opt.load_state_dict(state["optimizer"])
+            s.scaler.load_state_dict(state["scaler"])
+            step, best_val = int(state["step"]), float(state["best_val_loss"])
+            torch.set_rng_state(state["rng"]["torch"])
+        except Exception as e:   # e.g. weights of another shape than its config says
+            raise UserError(f"{s.resume_from}: its training state does not fit its model config "
+                            f"({type(e).__name__}: {' '.join(str(e).splitlines()[:2])[:250]})") from None
+    model = torch.compile(raw_model) if s.args.compile else raw_model
+    if s.world > 1:
+        model = DDP(model, device_ids=[s.device.index] if s.device.type == "cuda" else None)
+    return model, raw_model, opt, step, best_val
 
-    # --- MFU = achieved FLOP/s / the machine's own matmul FLOP/s, both in the training dtype
-    fpt = model_lib.flops_per_token(config, T)
+
+def matmul_peak(s):
+    """MFU's denominator: every rank's measured matmul FLOP/s in the training dtype, summed."""
     if dist.is_initialized():
         dist.barrier()  # ranks sharing a machine measure at the same time, like they train
-    peak = args.peak_flops or measure_matmul_flops(device, ptdtype)
-    peak_total = float(all_sum(torch.tensor(peak, dtype=torch.float64, device=device)))
+    peak = s.args.peak_flops or measure_matmul_flops(s.device, s.ptdtype)
+    return float(all_sum(torch.tensor(peak, dtype=torch.float64, device=s.device)))
 
-    # --- outputs: a fresh run works in 04_train.partial/, swapped into place when it ends,
-    # so a good earlier run in 04_train/ survives a crash or Ctrl-C of this one
-    if master and state is None:
-        shutil.rmtree(work, ignore_errors=True)
-    if master:
-        work.mkdir(parents=True, exist_ok=True)
+
+class MetricsLog:
+    """metrics.jsonl in the work folder: one JSON line per step and per evaluation. Rank 0
+    writes it; on the other ranks write() does nothing."""
+
+    def __init__(self, s, step):
+        self.records, self.file = [], None
+        if not s.master:
+            return
+        path = s.work / "metrics.jsonl"
+        if path.exists():  # drop what an interrupted run logged past its checkpoint
+            try:
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                self.records = [m for m in rows if m["step"] < step or (m["step"] == step and m["kind"] == "train")]
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+            path.write_text("".join(json.dumps(m) + "\n" for m in self.records))
+        self.file = open(path, "a")
+
+    def write(self, rec):
+        if self.file:
+            self.records.append(rec)
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def prepare_outputs(s, step):
+    """The work folder: a fresh run works in 04_train.partial/, swapped into place when it ends,
+    so a good earlier run in 04_train/ survives a crash or Ctrl-C of this one. Returns its log."""
+    if s.master:
+        if s.resume_from is None:
+            shutil.rmtree(s.work, ignore_errors=True)
+        elif s.resume_from.parent == s.out:  # continuing a finished run: work on a copy of it
+            shutil.rmtree(s.work, ignore_errors=True)
+            shutil.copytree(s.out, s.work)
+        s.work.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait until rank 0 has prepared the folder
-    metrics_path = work / "metrics.jsonl"
-    metrics = []
-    if master and metrics_path.exists():  # drop what an interrupted run logged past its checkpoint
-        metrics = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
-        metrics = [m for m in metrics if m["step"] < step or (m["step"] == step and m["kind"] == "train")]
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    log_file = open(metrics_path, "a") if master else None
-    run_args = {k: getattr(args, k) for k in RUN_FLAGS}
-    if master and args.wandb:
-        wandb.init(project="llm-from-scratch", config={**run_args, **dataclasses.asdict(config)})
+    return MetricsLog(s, step)
 
-    def log(rec):
-        if master:
-            metrics.append(rec)
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-            if args.wandb:
-                wandb.log(rec, step=rec["step"])
 
-    def save_last(step):
-        # rank 0 writes; every rank's RNG was seeded from (seed, step, rank), so rank 0's
-        # generator state is all a resume needs (it is kept for code that draws outside it)
-        if master:
-            common.save_checkpoint({
-                "model": raw_model.state_dict(), "config": dataclasses.asdict(config),
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "data": {"windows_seen": step * B, "epoch": step * B / sampler.n_chunks},
-                "schedule": schedule, "best_val_loss": best_val, "args": run_args,
-                "rng": {"torch": torch.get_rng_state()}}, work / "last.pt")
-        if dist.is_initialized():
-            dist.barrier()
-
-    # --- Ctrl-C / SIGTERM (a scheduler's preemption): finish the step, save, exit cleanly.
-    # A second Ctrl-C falls back to the default handler and interrupts at once.
+def stop_on_signal():
+    """Ctrl-C / SIGTERM (a scheduler's preemption): the loop finishes the step, saves, exits
+    cleanly. A second Ctrl-C falls back to the default handler and interrupts at once."""
     stop = {"asked": False}
 
     def on_signal(signum, frame):
@@ -559,61 +628,128 @@ def main(argv=None):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    return stop
 
-    if master:
-        print(f"model {model_lib.num_params(raw_model):,} params | {world} process(es) x micro-batch {micro} "
-              f"x {accum} accumulation = {B} sequences x {T} tokens per step | {args.max_steps} steps "
-              f"({args.max_steps * B / sampler.n_chunks:.2f} epochs) | {dtype} on {device}")
-    bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+
+# ----------------------------------------------------------------------------- one step, and the end
+
+def accumulate_gradients(model, s, step, stop_asked):
+    """The micro-batch loop of one optimizer step: this rank's `accum` micro-batches, forward
+    and backward, their gradients summed in .grad (and averaged over ranks by DDP). Returns (the
+    step's mean loss over all ranks, whether any rank was asked to stop)."""
+    B, micro, accum, world, rank = s.B, s.micro, s.accum, s.world, s.rank
+    # dropout draws from a generator seeded by (seed, step, rank): exact on resume
+    torch.manual_seed(s.args.seed * 1_000_003 + step * 1_009 + rank)
+    loss_sum = torch.zeros((), device=s.device)
+    for micro_step in range(accum):
+        # sequence j of this micro-batch is number (step*B + (micro_step*world + rank)*micro + j)
+        # of the stream: ranks x micro-steps tile the global batch the same way for any world size
+        first = step * B + (micro_step * world + rank) * micro
+        x, y = get_batch(s.train_tokens, [s.sampler(q) for q in range(first, first + micro)], s.T, s.device)
+        # DDP all-reduces gradients during backward; doing it on every micro-step would send
+        # the same-sized message accum times. no_sync() lets them accumulate locally instead.
+        sync = micro_step == accum - 1 or world == 1
+        with (contextlib.nullcontext() if sync else model.no_sync()), s.autocast:
+            _, loss, _ = model(x, y)
+        s.scaler.scale(loss / accum).backward()
+        loss_sum += loss.detach() / accum
+    # one small all-reduce per step carries the loss and the stop request of every rank
+    flags = all_sum(torch.stack([loss_sum.float(), torch.tensor(float(stop_asked), device=s.device)]))
+    return float(flags[0]) / world, bool(flags[1])
+
+
+def finish(s, raw_model, log, step, loss_val, best_val, step_times, peak, fpt):
+    """The final figure (the best model on the whole validation split, in bits per byte), the
+    summary and the plots; then 04_train.partial/ replaces 04_train/."""
+    best = model_lib.load_model(s.work / "ckpt.pt", s.device)[0]
+    val_full = evaluate(best, s.val_tokens, s.T, s.micro, s.device, s.autocast, s.rank, s.world)
+    # mean nats per token -> bits per byte: the split's tokens include one <|endoftext|> per
+    # document (scored like any token, but 0 bytes of text), so divide total bits by text bytes
+    bpb = val_full / math.log(2) * s.meta["val_tokens"] / s.meta["val_bytes"]
+    done = [m for m in log.records if m["kind"] == "train"]
+    summary = {"steps": step, "epochs": step * s.B / s.sampler.n_chunks, "tokens": step * s.B * s.T,
+               "params": model_lib.num_params(raw_model), "world_size": s.world, "dtype": s.dtype,
+               "device": str(s.device), "final_train_loss": loss_val, "best_val_loss_estimate": best_val,
+               "val_loss": val_full, "val_bpb": bpb, "train_time_s": sum(step_times),
+               "tok_per_s": float(np.median([m["tok_per_s"] for m in done[-50:]])) if done else None,
+               "mfu": float(np.median([m["mfu"] for m in done[-50:]])) if done else None,
+               "peak_flops": peak, "flops_per_token": fpt}
+    if not s.master:
+        return
+    log.close()
+    save_plots(log.records, s.work)
+    (s.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    common.replace_dir(s.work, s.out)   # the previous run is removed only after the swap
+    print(f"\n{'steps':<26}{step}\n{'epochs':<26}{summary['epochs']:.2f}\n"
+          f"{'final train loss':<26}{loss_val:.4f}\n{'val loss (whole split)':<26}{val_full:.4f}\n"
+          f"{'val bits per byte':<26}{bpb:.4f}\n{'tokens/s (median)':<26}{summary['tok_per_s'] or 0:,.0f}\n"
+          f"{'MFU (vs measured matmul)':<26}{summary['mfu'] or 0:.1%}\n"
+          f"wrote {s.out}/ckpt.pt, last.pt, metrics.jsonl, summary.json, loss.png, lr.png")
+
+
+# ----------------------------------------------------------------------------- the training run
+
+def train(args, rank, world, device):
+    """Steps 5-6 in the order they happen: set up, then evaluate, step, log and save until the
+    last step; then the final figure. Returns the exit status."""
+    s, state = set_up(args, rank, world, device)   # every input checked, nothing written yet
+    model, raw_model, opt, step, best_val = build_model(s, state)
+    del state
+    # MFU = achieved FLOP/s / the machine's own matmul FLOP/s, both in the training dtype
+    fpt, peak = model_lib.flops_per_token(s.config, s.T), matmul_peak(s)
+    log = prepare_outputs(s, step)
+    stop = stop_on_signal()
+
+    def save_last(step):
+        # rank 0 writes; every rank's RNG was seeded from (seed, step, rank), so rank 0's
+        # generator state is all a resume needs (it is kept for code that draws outside it)
+        if s.master:
+            common.save_checkpoint({
+                "model": raw_model.state_dict(), "config": dataclasses.asdict(s.config),
+                "optimizer": opt.state_dict(), "scaler": s.scaler.state_dict(), "step": step,
+                "data": {"windows_seen": step * s.B, "epoch": step * s.B / s.sampler.n_chunks},
+                "schedule": s.schedule, "best_val_loss": best_val, "args": s.run_args,
+                "rng": {"torch": torch.get_rng_state()}}, s.work / "last.pt")
+        if dist.is_initialized():
+            dist.barrier()
+
+    if s.master:
+        print(f"model {model_lib.num_params(raw_model):,} params | {world} process(es) x micro-batch {s.micro} "
+              f"x {s.accum} accumulation = {s.B} sequences x {s.T} tokens per step | {args.max_steps} steps "
+              f"({args.max_steps * s.B / s.sampler.n_chunks:.2f} epochs) | {s.dtype} on {device}")
+    bar = tqdm(total=args.max_steps, initial=step, disable=not s.master, dynamic_ncols=True, desc="train")
     step_times = []  # seconds per optimizer step, evaluation excluded
     loss_val = float("nan")
     while True:
         # --- evaluate every eval_interval steps and at the end; keep the best model
         if step % args.eval_interval == 0 or step == args.max_steps:
-            val = evaluate(raw_model, val_tokens, T, micro, device, autocast, rank, world, args.eval_windows)
-            log({"kind": "eval", "step": step, "val_loss": val})
+            val = evaluate(raw_model, s.val_tokens, s.T, s.micro, device, s.autocast, rank, world, args.eval_windows)
+            log.write({"kind": "eval", "step": step, "val_loss": val})
             if val < best_val:
                 best_val = val
-                if master:
-                    common.save_checkpoint({"model": raw_model.state_dict(), "config": dataclasses.asdict(config),
-                                               "step": step, "val_loss": val, "args": run_args}, work / "ckpt.pt")
+                if s.master:
+                    common.save_checkpoint({"model": raw_model.state_dict(), "config": dataclasses.asdict(s.config),
+                                            "step": step, "val_loss": val, "args": s.run_args}, s.work / "ckpt.pt")
         if step >= args.max_steps:
             break
 
         # --- one optimizer step: accum micro-batches per rank, world ranks, B sequences total
         t0 = time.perf_counter()
-        lr = lr_at(step, **schedule)
+        lr = lr_at(step, **s.schedule)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        # dropout draws from a generator seeded by (seed, step, rank): exact on resume
-        torch.manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(accum):
-            # sequence j of this micro-batch is number (step*B + (micro_step*world + rank)*micro + j)
-            # of the stream: ranks x micro-steps tile the global batch the same way for any world size
-            first = step * B + (micro_step * world + rank) * micro
-            x, y = get_batch(train_tokens, [sampler(q) for q in range(first, first + micro)], T, device)
-            # DDP all-reduces gradients during backward; doing it on every micro-step would send
-            # the same-sized message accum times. no_sync() lets them accumulate locally instead.
-            sync = micro_step == accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                _, loss, _ = model(x, y)
-            scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach() / accum
-        # one small all-reduce per step carries the loss and the stop request of every rank
-        flags = all_sum(torch.stack([loss_sum.float(), torch.tensor(float(stop["asked"]), device=device)]))
-        loss_val, stopping = float(flags[0]) / world, bool(flags[1])
+        loss_val, stopping = accumulate_gradients(model, s, step, stop["asked"])
         if not math.isfinite(loss_val):
             bar.close()
-            if master:
+            if s.master:
                 print(f"04_train.py: loss became {loss_val} at step {step} (lr {lr:.3g}); stopped before "
-                      f"the update. The last good checkpoints are in {work} (ckpt.pt, last.pt). "
+                      f"the update. The last good checkpoints are in {s.work} (ckpt.pt, last.pt). "
                       "Lower --lr, keep --clip on, or use --dtype fp32.", file=sys.stderr)
-            sys.exit(1)
-        scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
+            return 1
+        s.scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
         gnorm = clip_gradients(raw_model.parameters(), args.clip_mode, args.clip)
-        scaler.step(opt)  # skips the update if fp16 gradients overflowed
-        scaler.update()
+        s.scaler.step(opt)  # skips the update if fp16 gradients overflowed
+        s.scaler.update()
         opt.zero_grad(set_to_none=True)
         step += 1
 
@@ -622,52 +758,37 @@ def main(argv=None):
             torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
         # tokens/s over the last 10 steps; MFU = achieved FLOP/s over the measured matmul FLOP/s
-        tok_s = len(step_times[-10:]) * B * T / sum(step_times[-10:])
-        mfu = tok_s * fpt / peak_total
-        log({"kind": "train", "step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm,
-             "tokens": step * B * T, "tok_per_s": tok_s, "mfu": mfu})
+        tok_s = len(step_times[-10:]) * s.B * s.T / sum(step_times[-10:])
+        mfu = tok_s * fpt / peak
+        log.write({"kind": "train", "step": step, "loss": loss_val, "lr": lr, "grad_norm": gnorm,
+                   "tokens": step * s.B * s.T, "tok_per_s": tok_s, "mfu": mfu})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}")
-        if step % (args.save_interval or args.eval_interval) == 0:
+        if step % args.eval_interval == 0:
             save_last(step)
         if stopping or step == args.stop_at:
             save_last(step)
             bar.close()
-            if master:
-                print(f"stopped at step {step}/{args.max_steps}; training state saved to {work / 'last.pt'}. "
+            if s.master:
+                print(f"stopped at step {step}/{args.max_steps}; training state saved to {s.work / 'last.pt'}. "
                       f"Continue with: python 04_train.py --data {args.data} --resume")
-            end_distributed()
-            return
+            return 0
     bar.close()
     save_last(step)
+    finish(s, raw_model, log, step, loss_val, best_val, step_times, peak, fpt)
+    return 0
 
-    # --- the final figure: the best model on the whole validation split, in bits per byte
-    best = model_lib.load_model(work / "ckpt.pt", device)[0]
-    val_full = evaluate(best, val_tokens, T, micro, device, autocast, rank, world)
-    # mean nats per token -> bits per byte: the split's tokens include one <|endoftext|> per
-    # document (scored like any token, but 0 bytes of text), so divide total bits by text bytes
-    bpb = val_full / math.log(2) * meta["val_tokens"] / meta["val_bytes"]
-    done = [m for m in metrics if m["kind"] == "train"]
-    summary = {"steps": step, "epochs": step * B / sampler.n_chunks, "tokens": step * B * T,
-               "params": model_lib.num_params(raw_model), "world_size": world, "dtype": dtype,
-               "device": str(device), "final_train_loss": loss_val, "best_val_loss_estimate": best_val,
-               "val_loss": val_full, "val_bpb": bpb, "train_time_s": sum(step_times),
-               "tok_per_s": float(np.median([m["tok_per_s"] for m in done[-50:]])) if done else None,
-               "mfu": float(np.median([m["mfu"] for m in done[-50:]])) if done else None,
-               "peak_flops": peak_total, "flops_per_token": fpt}
-    if master:
-        log_file.close()
-        save_plots(metrics, work)
-        (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        common.replace_dir(work, out)   # the previous run is removed only after the swap
-        print(f"\n{'steps':<26}{step}\n{'epochs':<26}{summary['epochs']:.2f}\n"
-              f"{'final train loss':<26}{loss_val:.4f}\n{'val loss (whole split)':<26}{val_full:.4f}\n"
-              f"{'val bits per byte':<26}{bpb:.4f}\n{'tokens/s (median)':<26}{summary['tok_per_s'] or 0:,.0f}\n"
-              f"{'MFU (vs measured matmul)':<26}{summary['mfu'] or 0:.1%}\n"
-              f"wrote {out}/ckpt.pt, last.pt, metrics.jsonl, summary.json, loss.png, lr.png")
-        if args.wandb:
-            wandb.finish()
-    end_distributed()
+
+def run(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with process_group(args.device) as (rank, world, device):
+        return train(args, rank, world, device)
+
+
+def main(argv=None):
+    common.main(__file__, run, argv)
 
 
 if __name__ == "__main__":

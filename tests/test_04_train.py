@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -306,3 +307,116 @@ def test_bad_input_corrupt_checkpoint(data, tmp_path):
     _assert_user_error(run("04_train", "--data", d, "--resume"), "last.pt")
     (d / "04_train" / "last.pt").unlink()
     _assert_user_error(run("04_train", "--data", d, "--resume"), "--resume", "last.pt")
+
+
+# Bad input found at the start: exit 2 and one line, an earlier run's 04_train/ byte-identical,
+# and no work or temporary folder left behind.
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """A finished two-step run: its 04_train/ is the earlier good output the bad runs must keep."""
+    d = _copy_inputs(data, tmp_path_factory.mktemp("finished") / "d")
+    assert_ok(run("04_train", "--data", d, *FAST, "--max-steps", "2"))
+    return d / "04_train"
+
+
+def _with_earlier_run(data, finished, dst, own_tokens=False):
+    """A data folder with the stand-in inputs (02_tokenize/ copied when a test damages it) and
+    a copy of a finished 04_train/."""
+    dst.mkdir()
+    if own_tokens:
+        shutil.copytree(data / "02_tokenize", dst / "02_tokenize")
+    else:
+        os.symlink(data / "02_tokenize", dst / "02_tokenize")
+    os.symlink(data / "03_model", dst / "03_model")
+    shutil.copytree(finished, dst / "04_train")
+    return dst
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def _assert_nothing_written(d, before):
+    assert _files(d / "04_train") == before                   # the earlier run, byte for byte
+    left = sorted(p.name for p in d.iterdir() if p.name.startswith((".04_train", "04_train.")))
+    assert left == [], left                                     # no 04_train.partial/, no temp folder
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_bad_input_odd_sized_token_file(data, finished, tmp_path, split):
+    d = _with_earlier_run(data, finished, tmp_path / "a", own_tokens=True)
+    with open(d / "02_tokenize" / f"{split}.bin", "ab") as f:
+        f.write(b"\x01")                                        # half a uint16
+    before = _files(d / "04_train")
+    _assert_user_error(run("04_train", "--data", d, *FAST, "--max-steps", "2"), f"{split}.bin", "uint16")
+    _assert_nothing_written(d, before)
+
+
+def test_bad_input_token_id_beyond_vocabulary(data, finished, tmp_path):
+    d = _with_earlier_run(data, finished, tmp_path / "a", own_tokens=True)
+    ids = np.fromfile(d / "02_tokenize" / "train.bin", dtype=np.uint16)
+    ids[len(ids) // 2] = 400                                    # the model's vocab_size is 320
+    ids.tofile(d / "02_tokenize" / "train.bin")
+    before = _files(d / "04_train")
+    _assert_user_error(run("04_train", "--data", d, *FAST, "--max-steps", "2"), "train.bin", "400")
+    _assert_nothing_written(d, before)
+
+
+def test_bad_input_resume_config_not_matching_weights(data, finished, tmp_path):
+    d = _with_earlier_run(data, finished, tmp_path / "a")
+    state = torch.load(d / "04_train" / "last.pt", weights_only=True)
+    state["config"]["n_embd"] = 64                              # the weights are 32 wide
+    torch.save(state, d / "04_train" / "last.pt")
+    before = _files(d / "04_train")
+    _assert_user_error(run("04_train", "--data", d, "--resume", "--threads", "1"), "last.pt")
+    _assert_nothing_written(d, before)
+
+
+def test_bad_input_read_only_data_folder(data, finished, tmp_path):
+    d = _with_earlier_run(data, finished, tmp_path / "a")
+    before = _files(d / "04_train")
+    os.chmod(d, 0o555)
+    immutable = False
+    try:
+        if os.access(d, os.W_OK):   # root ignores the mode; an immutable folder stops root too
+            immutable = subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode == 0
+            if not immutable:
+                pytest.skip("cannot make a folder read-only for this user")
+        r = run("04_train", "--data", d, *FAST, "--max-steps", "2")
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(d)], check=True)
+        os.chmod(d, 0o755)
+    _assert_user_error(r, str(d), "cannot write")
+    _assert_nothing_written(d, before)
+
+
+@pytest.mark.parametrize("flag,value", [("--threads", "-1"), ("--lr", "-0.001"), ("--lr", "nan"),
+                                        ("--curriculum", "1.5"), ("--batch-size", "0")])
+def test_bad_input_flag_out_of_range(data, finished, tmp_path, flag, value):
+    d = _with_earlier_run(data, finished, tmp_path / "a")
+    before = _files(d / "04_train")
+    _assert_user_error(run("04_train", "--data", d, "--max-steps", "2", flag, value), flag, value)
+    _assert_nothing_written(d, before)
+
+
+def test_bad_input_under_torchrun_ends_each_rank_with_one_line(data, finished, tmp_path):
+    """Under torchrun a rank that finds the damaged file leaves the process group and exits 2
+    with its one line; torchrun then reports the run as failed (its own traceback, not ours)."""
+    d = _with_earlier_run(data, finished, tmp_path / "a", own_tokens=True)
+    with open(d / "02_tokenize" / "val.bin", "ab") as f:
+        f.write(b"\x01")
+    before = _files(d / "04_train")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "04_train.py"), "--data", str(d), *FAST, "--max-steps", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("04_train.py: ")]
+    # the rank that gets there last may be stopped by torchrun (SIGTERM, exit code -15) before
+    # it exits, or even before it finds the file: so one line and one exit code 2, at least
+    assert 1 <= len(ours) <= 2 and all("val.bin" in line for line in ours), r.stderr[-3000:]
+    assert "exitcode  : 2" in r.stderr, r.stderr[-3000:]
+    assert "04_train.py\", line" not in r.stderr                     # no traceback through the script
+    _assert_nothing_written(d, before)
