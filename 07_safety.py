@@ -225,12 +225,14 @@ def base64_readings(text):
     out = []
     for m in re.finditer(r"[A-Za-z0-9+/_=-]+(?:\s+[A-Za-z0-9+/_=-]+)*", text):
         toks = list(re.finditer(r"\S+", m.group(0)))
+        glued = "".join(t.group(0) for t in toks)   # tokens i..j-1 glued: glued[at[i]:at[j]]
+        at = [0, *itertools.accumulate(len(t.group(0)) for t in toks)]
         found = None
         for i in range(min(len(toks), 8)):   # the payload may follow a few plain words ...
             for j in range(min(len(toks), i + 64), i, -1):   # ... or come before some
-                s = "".join(t.group(0) for t in toks[i:j]).rstrip("=").replace("-", "+").replace("_", "/")
-                if len(s) < 12 or not re.search("[A-Z0-9]", s[1:]):
-                    continue
+                s = glued[at[i]:at[j]].rstrip("=").replace("-", "+").replace("_", "/")
+                if len(s) < 12 or len(s) % 4 == 1 or not re.search("[A-Z0-9]", s[1:]):
+                    continue   # too short, a length no base64 has, or no sign of an encoding
                 try:
                     r = _text(base64.b64decode(s + "=" * (-len(s) % 4), validate=True))
                 except binascii.Error:
