@@ -442,7 +442,8 @@ def run(argv=None):
     try:
         config = dataclasses.replace(PRESETS[args.preset], vocab_size=padded, vocab_used=used, **overrides)
     except ValueError as e:   # sizes that do not fit together, e.g. --n-embd 100 --n-head 3
-        raise common.UserError(f"--preset {args.preset} with {overrides}: {e}") from None
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+        raise common.UserError(f"{flags} (preset {args.preset}): {e}") from None
 
     s = summarize(config)
     mib = lambda b: f"{b / 2**20:,.1f} MiB"

@@ -309,10 +309,13 @@ def real_windows(data_dir, config, n=16):
     if not (tok / "val.bin").is_file() or not (tok / "meta.json").is_file():
         return None
     try:
-        meta = json.loads((tok / "meta.json").read_text())
-        arr = np.memmap(tok / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{tok}: unreadable tokenizer output ({type(e).__name__}: {e})") from None
+        dtype = np.dtype(json.loads((tok / "meta.json").read_text())["dtype"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{tok / 'meta.json'}: unreadable ({type(e).__name__}: {e})") from None
+    try:
+        arr = np.memmap(tok / "val.bin", dtype=dtype, mode="r")
+    except ValueError as e:   # a size that is not a whole number of ids
+        raise UserError(f"{tok / 'val.bin'}: unreadable ({e})") from None
     T = min(config.block_size, len(arr))
     if T < 2:
         return None
