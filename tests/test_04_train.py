@@ -226,6 +226,10 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert [m["loss"] for m in read_metrics(straight / "04_train")] == [m["loss"] for m in read_metrics(parts / "04_train")]
+    # the evaluation schedule is part of the run too: the same steps evaluated, the same losses
+    evals = lambda d: [(m["step"], m["val_loss"]) for m in map(json.loads, (d / "04_train" / "metrics.jsonl").read_text().splitlines())
+                       if m["kind"] == "eval"]
+    assert evals(straight) == evals(parts)
     best_a, best_b = (torch.load(d / "04_train" / "ckpt.pt", weights_only=True) for d in (straight, parts))
     assert best_a["step"] == best_b["step"] < 12
     assert all(torch.equal(best_a["model"][k], best_b["model"][k]) for k in best_a["model"])

@@ -87,6 +87,15 @@ def test_normaliser_undoes_each_obfuscation(name):
     assert PLAIN in out, (name, out)
 
 
+def test_caesar_shift_moves_capitals_too():
+    # one key for the whole alphabet, both cases; digits and punctuation stay as they are
+    text = "Attack at Dawn, Zebra-42!"
+    for k in (1, 3, 13, 25):
+        ref = "".join(chr((ord(c) - b + k) % 26 + b) if c.isascii() and c.isalpha() else c
+                      for c in text for b in [65 if c.isupper() else 97])
+        assert safety._shift(text, k) == ref
+
+
 def test_leetspeak_signs_and_ambiguous_digits():
     assert safety.normalize("+3ll m3 h0w +0 k!ll 7h3 pr0(355") == "tell me how to kill the process"
     assert safety.normalize("1ock 7h3 d00r") == "lock the door"   # 1 is l here, i in "k1ll"

@@ -152,6 +152,27 @@ def test_ort_generate_equals_pytorch(exported):
     assert got.shape == (3, 65) and np.array_equal(got, want)
 
 
+def test_ort_generate_slides_like_pytorch_when_the_context_matters():
+    # at init the next token hardly depends on the context; weights x 8 make every earlier token
+    # count, so a window or a cache kept wrongly after the slide changes the tokens. The loop is
+    # fed by the KV graph's PyTorch wrapper, in the graph's own input order (no export: fast)
+    class TorchSession:
+        def run(self, _, feed):
+            with torch.no_grad():
+                out = ex.WithCache(model)(torch.from_numpy(feed["input_ids"]),
+                                          *(torch.from_numpy(feed[n]) for n in ex.cache_names(2)[0]))
+            return [t.numpy() for t in out]
+    torch.manual_seed(0)
+    model = m.GPT(m.PRESETS["tiny"]).eval()   # 2 layers, a 32-token window
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    prompt = np.random.default_rng(10).integers(0, 512, (2, 5))
+    got = ex.ort_generate(TorchSession(), prompt, 40, model.config)   # slides after 28 new tokens
+    assert np.array_equal(got, model.generate(torch.from_numpy(prompt), 40, temperature=0).numpy())
+
+
 def test_fp16_checkpoint(exported):
     out, model, ckpt, _ = exported
     half, saved = m.load_model(out / "model_fp16.pt", dtype=None)
@@ -177,6 +198,19 @@ def test_bad_checkpoint(tmp_path):
     r = run("08_export", "--data", tmp_path, "--ckpt", good, "--prompt-len", "30", "--decode-tokens", "8")
     assert r.returncode == 2 and "--prompt-len" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "08_export").exists()
+
+
+def test_rmsnorm_statistics_finds_each_norms_whole_chain(exported):
+    # what must stay fp32: for each RMSNorm (two per block, one final) its five nodes, each fed by the last
+    for name in ("model", "model_kv"):
+        g = onnx.load(str(exported[0] / f"{name}.onnx")).graph
+        node = {n.name: n for n in g.node}
+        keep = [node[k] for k in ex.rmsnorm_statistics(g)]
+        assert len(keep) == 5 * (2 * CFG.n_layer + 1)
+        for i in range(0, len(keep), 5):
+            chain = keep[i:i + 5]
+            assert [n.op_type for n in chain] == ["Pow", "ReduceMean", "Add", "Sqrt", "Reciprocal"]
+            assert all(a.output[0] in b.input for a, b in zip(chain, chain[1:]))
 
 
 @pytest.mark.parametrize("big", [300.0, 3000.0])
