@@ -285,17 +285,6 @@ def score_mc(model, items, V, batch, device):
     return scores.reshape(len(items), K).argmax(1)
 
 
-def wilson(correct, n, z=1.96):
-    """95% Wilson score interval for a proportion: unlike p +- 1.96 sqrt(p(1-p)/n), it stays
-    inside [0, 1] and keeps its coverage for small n or p near 0 or 1."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return centre - half, centre + half
-
-
 # ----------------------------------------------------------------------------- 4. calibration
 
 def calibration(conf, hit, n_bins=15):
@@ -377,7 +366,7 @@ def evaluate(model, d, args, device):
     if d["items"]:
         pred = score_mc(model, d["items"], V, args.batch_size * 4, device)
         right = int((pred == np.array([it["label"] for it in d["items"]])).sum())
-        lo, hi = wilson(right, len(d["items"]))
+        lo, hi = common.wilson(right, len(d["items"]))
         r["mc"] = {"items": len(d["items"]), "correct": right, "accuracy": right / len(d["items"]),
                    "ci95": [lo, hi]}
     r["generation"] = generation(model, d["enc"], args.temperatures, args.gen_tokens, args.seed, device)

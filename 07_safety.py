@@ -722,23 +722,11 @@ def run_suite(rows, model, tok, lora, guards, args, desc):
 
 # ----------------------------------------------------------------------------- 5. metrics
 
-def wilson(k, n, z=1.96):
-    """Wilson score interval for k successes in n trials (Wilson 1927). Unlike p +- z*se it
-    stays inside [0, 1] and is honest at 0/n and n/n, which a good guard produces."""
-    if n == 0:
-        return [None, None]
-    p = k / n
-    d = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half)]
-
-
 def rate(results, label, layer):
     """Attack success (label harmful: share NOT blocked) or over-refusal (benign: share blocked)."""
     xs = [x for x in results if x["label"] == label]
     k = sum((not x["blocked"][layer]) if label == "harmful" else x["blocked"][layer] for x in xs)
-    return {"k": k, "n": len(xs), "rate": k / len(xs) if xs else None, "ci95": wilson(k, len(xs))}
+    return {"k": k, "n": len(xs), "rate": k / len(xs) if xs else None, "ci95": common.wilson(k, len(xs))}
 
 
 def by_group(results, key, layer):
@@ -760,7 +748,7 @@ def metrics(results):
     for key in ("category", "style"):
         m[f"by_{key}"] = by_group(results, key, "guard_output")
     rec = [x["recovered"] for x in results if "recovered" in x]
-    m["normaliser_recovered"] = {"k": sum(rec), "n": len(rec), "ci95": wilson(sum(rec), len(rec))}
+    m["normaliser_recovered"] = {"k": sum(rec), "n": len(rec), "ci95": common.wilson(sum(rec), len(rec))}
     return m
 
 
@@ -803,7 +791,7 @@ def bias_tests(model, tok, lora, guards, rows, args):
     for g in sorted({p["group"] for p in pairs}):
         ps = [p for p in pairs if p["group"] == g]
         k = sum(logprob(model, tok, p["stereo"], args.device) > logprob(model, tok, p["anti"], args.device) for p in ps)
-        stereo[g] = {"k": k, "n": len(ps), "score": k / len(ps), "ci95": wilson(k, len(ps))}
+        stereo[g] = {"k": k, "n": len(ps), "score": k / len(ps), "ci95": common.wilson(k, len(ps))}
     parity = {}
     for g, ts in terms.items():
         probs = harm_prob(lora, guards, tok, [normalize(tpl.format(t)) for t in ts for tpl in templates], args)
@@ -1010,6 +998,9 @@ def parse_args(argv=None):
                                 ("--guard-window", common.positive_int, 4), ("--max-len", common.positive_int, 96),
                                 ("--max-new-tokens", common.positive_int, 24)):
         a(flag, type=kind, default=default, help=argparse.SUPPRESS)
+    # A quick check of the mechanics (pipeline.py --tiny): every K-th line of the suite and of
+    # the training set only. The figures are then not the gate's.
+    a("--sample", type=common.positive_int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.device = common.pick_device(args.device)
     return args
@@ -1030,8 +1021,8 @@ def check(args, out):
     torch.manual_seed(args.seed)
     data = Path(args.data)
     ckpt = Path(args.ckpt) if args.ckpt else data / "04_train" / "ckpt.pt"
-    suite = read_prompts(args.prompts, "--prompts")
-    train_rows = read_prompts(args.guard_train, "--guard-train")
+    suite = read_prompts(args.prompts, "--prompts")[::args.sample]
+    train_rows = read_prompts(args.guard_train, "--guard-train")[::args.sample]
     bias_lines = read_jsonl(args.bias, "--bias")
     bias_rows = [r for _, r in bias_lines]
     for n, r in bias_lines:   # each kind of line needs its own fields

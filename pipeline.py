@@ -27,7 +27,7 @@ STAGES = [
                   "--eval-interval", "15", "--eval-windows", "4"]),
     ("05_eval", ["--max-val-tokens", "4096", "--mc-items", "20", "--gen-tokens", "8", "--speed-tokens", "8"]),
     ("06_finetune_lora", ["--steps", "10", "--max-train", "200", "--max-test", "100", "--max-len", "16"]),
-    ("07_safety", ["--guards", "1", "--guard-steps", "10", "--max-new-tokens", "4"]),
+    ("07_safety", ["--guards", "1", "--guard-steps", "10", "--max-new-tokens", "4", "--sample", "20"]),
     ("08_export", ["--threads", "1", "--repeats", "2", "--decode-tokens", "4"]),
 ]
 

@@ -21,7 +21,7 @@ CI's test run: it takes minutes per stage (04 and 07 the longest) and always exi
 
 Usage:
   .venv/bin/python bench/mutate.py                     # every stage
-  .venv/bin/python bench/mutate.py --stage 03 --stage 05,06
+  .venv/bin/python bench/mutate.py --stage 03 --stage 05,06   # "co": common.py
   .venv/bin/python bench/mutate.py --list              # print (and check) the mutants only
 """
 import argparse
@@ -98,10 +98,15 @@ MUTANTS = [
     ("05_eval.py", "left = np.bincount(train[:-1], minlength=V)", "left = np.bincount(train[1:], minlength=V)",
      "bigram: context counted as the right token"),
     ("05_eval.py", "(len(train) + k * V)", "(len(train) + k)", "unigram: smoothing mass k, not kV"),
-    ("05_eval.py", "centre = (p + z * z / (2 * n))", "centre = (p + z * z / n)", "wilson: wrong centre"),
     ("05_eval.py", "np.abs(acc - avg)", "(acc - avg)", "calibration: signed gaps cancel"),
     ("05_eval.py", ".gather(-1, x[j, start:len(s), None]).mean().item()",
      ".gather(-1, x[j, start:len(s), None]).sum().item()", "multiple choice: total, not mean, log-likelihood"),
+    # ---- common.py: the interval every stage reports
+    ("common.py", "centre = (p + z * z / (2 * n)) / d", "centre = (p + z * z / n) / d", "wilson: wrong centre"),
+    ("common.py", "z * z / (4 * n * n)) / d", "z * z / (4 * n)) / d", "wilson: 4n for 4n^2"),
+    ("common.py", "return (0.0 if k == 0 else max(0.0, centre - half))", "return (max(0.0, centre - half))",
+     "wilson: not exact at 0/n"),
+    ("common.py", "if not test(value):", "if test(value):", "argparse types: the test inverted"),
     # ---- 06_finetune_lora.py: LoRA forward, merge, scaling; pooling; schedule; training
     ("06_finetune_lora.py", "self.lora_A), self.lora_B) * self.scaling", "self.lora_A), self.lora_B)",
      "LoRA forward forgets alpha/r"),
@@ -118,7 +123,6 @@ MUTANTS = [
     ("06_finetune_lora.py", 'loss = F.cross_entropy(clf(idx, mask), y[b].to(device))',
      'loss = F.cross_entropy(clf(idx, mask), y[:len(b)].to(device))', "train_classifier: labels not of the batch"),
     # ---- 07_safety.py: interval, threshold, gate, rates, decoders
-    ("07_safety.py", "z * z / (4 * n * n)) / d", "z * z / (4 * n)) / d", "wilson: 4n for 4n^2"),
     ("07_safety.py", "i = best[len(best) // 2]", "i = best[0]", "fit_threshold: edge of the best range"),
     ("07_safety.py", "if r is not None and not r < limit:", "if r is not None and r > limit:",
      "gate: a rate equal to the limit passes"),
@@ -172,7 +176,7 @@ def copy_repo(dst):
 
 def run_tests(folder, stage, timeout):
     """Run the stage's tests in folder: returns ("pass" | "fail" | "timeout", seconds)."""
-    tests = sorted(glob.glob(os.path.join(folder, "tests", f"test_{stage}_*.py")))
+    tests = sorted(glob.glob(os.path.join(folder, "tests", f"test_{stage}*.py")))   # "co": test_common.py
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     # no .pyc files: a mutant and the original may have the same size and mtime second
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}

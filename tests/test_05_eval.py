@@ -203,13 +203,6 @@ def test_multiple_choice_scores_the_mean_log_likelihood_of_the_choice_given_the_
     assert list(ev.score_mc(model, items, V, 4, "cpu")) == [0, 1, 1]
 
 
-def test_wilson_interval_against_known_values():
-    lo, hi = ev.wilson(50, 100)
-    assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)  # textbook value for 50/100
-    lo, hi = ev.wilson(0, 10)
-    assert lo == pytest.approx(0, abs=1e-12) and hi == pytest.approx(0.2775, abs=1e-4)
-
-
 def test_calibration_error_of_a_known_case():
     # two bins: confidence 0.9 right half the time, confidence 0.3 right a third of the time
     conf = np.array([0.9, 0.9, 0.3, 0.3, 0.3])

@@ -146,16 +146,6 @@ def test_policy_refuses_what_it_cannot_read(text, why):
 
 # ----------------------------------------------------------------------------- metrics
 
-def test_wilson_matches_published_values():
-    # Wilson (1927) score intervals as tabulated by Newcombe (1998), Stat. Med. 17:857, table I:
-    # 81/263 -> (0.2553, 0.3662); 15/148 -> (0.0624, 0.1605); 0/20 -> (0, 0.1611); 1/29 -> (0.0061, 0.1718)
-    for (k, n), ref in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605),
-                        (0, 20): (0.0, 0.1611), (1, 29): (0.0061, 0.1718)}.items():
-        lo, hi = safety.wilson(k, n)
-        assert abs(lo - ref[0]) < 1e-4 and abs(hi - ref[1]) < 1e-4, (k, n, lo, hi)
-    assert safety.wilson(0, 0) == [None, None]
-
-
 def result(label, category, style, blocked_in, blocked_out=False, raw=False, why=None):
     return {"label": label, "category": category, "style": style, "unsupported": why,
             "blocked": {"none": False, "normaliser": why is not None, "guard_input": blocked_in or why is not None,
