@@ -104,8 +104,7 @@ MUTANTS = [
     # ---- common.py: the interval every stage reports
     ("common.py", "centre = (p + z * z / (2 * n)) / d", "centre = (p + z * z / n) / d", "wilson: wrong centre"),
     ("common.py", "z * z / (4 * n * n)) / d", "z * z / (4 * n)) / d", "wilson: 4n for 4n^2"),
-    ("common.py", "return (0.0 if k == 0 else max(0.0, centre - half))", "return (max(0.0, centre - half))",
-     "wilson: not exact at 0/n"),
+    ("common.py", "return None, None", "return 0.0, 1.0", "wilson: an interval for no trials"),
     ("common.py", "if not test(value):", "if test(value):", "argparse types: the test inverted"),
     # ---- 06_finetune_lora.py: LoRA forward, merge, scaling; pooling; schedule; training
     ("06_finetune_lora.py", "self.lora_A), self.lora_B) * self.scaling", "self.lora_A), self.lora_B)",
