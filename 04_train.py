@@ -386,7 +386,7 @@ def parse_args(argv=None):
     # optimiser and schedule
     a("--lr", type=common.positive_float, default=2.5e-3, help="peak learning rate")
     a("--warmup-steps", type=common.natural_int, default=None, help="linear warmup length (default: a fifth of the steps)")
-    a("--min-lr", type=common.natural_float, default=None, help="floor of the cosine decay (default lr / 10)")
+    a("--min-lr", type=common.natural_float, default=None, help=argparse.SUPPRESS)   # the cosine's floor; default lr / 10
     a("--clip", type=common.positive_float, default=1.0, help="gradient clipping threshold (norm or value)")
     a("--clip-mode", default="norm", choices=["norm", "value", "none"])
     a("--curriculum", type=common.fraction, default=0.0,
