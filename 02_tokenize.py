@@ -331,6 +331,20 @@ def load_tokenizer(directory, fast=True):
                              special_tokens=specials)
 
 
+def open_tokens(path, dtype):
+    """A split's token file (train.bin, val.bin) as a read-only memmap: pages are read from disk
+    as they are used, so the corpus never has to fit in memory. UserError, naming the file, when
+    it is missing or is not a whole number of ids."""
+    path, dtype = Path(path), np.dtype(dtype)
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run 02_tokenize.py first")
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise UserError(f"{path}: {size} bytes is not a whole number of {dtype} ids "
+                        f"({dtype.itemsize} bytes each); a damaged file, rerun 02_tokenize.py")
+    return np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+
+
 def cl100k_path():
     """Path of the offline cl100k_base ranks if installed and intact, else None."""
     spec = importlib.util.find_spec("tiktoken_ext")

@@ -50,6 +50,7 @@ from tqdm import tqdm
 import common
 from common import UserError
 
+tok_lib = importlib.import_module("02_tokenize")
 model_lib = importlib.import_module("03_model")
 
 # Settings nobody tunes from the command line (the runs that chose them: docs/experiments.md).
@@ -79,15 +80,8 @@ def load_tokens(data_dir, block_size, vocab_size):
 
 
 def open_tokens(path, dtype, n_vocab, block_size):
-    """One split's tokens as a memmap, checked: whole tokens, enough of them, every id in the vocabulary."""
-    if not path.is_file():
-        raise UserError(f"{path}: not found; run 02_tokenize.py first")
-    size = path.stat().st_size
-    if size % dtype.itemsize:
-        raise UserError(f"{path}: {size} bytes is not a whole number of {dtype} tokens "
-                        f"({dtype.itemsize} bytes each); a damaged file, rerun 02_tokenize.py")
-    # A memmap reads pages from disk on demand: the corpus never has to fit in RAM.
-    arr = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+    """One split's tokens as a memmap (02's reader), checked: enough of them, every id in the vocabulary."""
+    arr = tok_lib.open_tokens(path, dtype)
     if len(arr) < block_size + 1:
         raise UserError(f"{path}: {len(arr)} tokens, fewer than the context of {block_size} + 1; "
                         "use more data or a model with a smaller block_size")

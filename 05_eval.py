@@ -70,13 +70,7 @@ def load_data(data_dir):
         raise UserError(f"{tok}: tokenizer has {enc.n_vocab} tokens but meta.json says {V}")
     splits = {}
     for split in ("train", "val"):
-        path = tok / f"{split}.bin"
-        if not path.is_file():
-            raise UserError(f"{path}: not found; run 02_tokenize.py first")
-        if path.stat().st_size % dtype.itemsize:
-            raise UserError(f"{path}: {path.stat().st_size} bytes is not a whole number of {dtype} ids")
-        # memmap: only the pages we index are read, however big the file
-        splits[split] = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+        splits[split] = tok_lib.open_tokens(tok / f"{split}.bin", dtype)   # only the pages we index are read
     if len(splits["train"]) < 2:
         raise UserError(f"{tok / 'train.bin'}: {len(splits['train'])} tokens, the baselines need at least 2")
     if len(splits["val"]) < 2:

@@ -51,6 +51,7 @@ from tqdm import tqdm
 import common
 from common import UserError
 
+tok_lib = importlib.import_module("02_tokenize")
 model_lib = importlib.import_module("03_model")
 
 # Parity criteria. fp32 must equal PyTorch up to summation order; the lossy graphs are judged by
@@ -311,10 +312,7 @@ def real_windows(data_dir, config, n=16):
         dtype = np.dtype(json.loads((tok / "meta.json").read_text())["dtype"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{tok / 'meta.json'}: unreadable ({type(e).__name__}: {e})") from None
-    try:
-        arr = np.memmap(tok / "val.bin", dtype=dtype, mode="r")
-    except ValueError as e:   # a size that is not a whole number of ids
-        raise UserError(f"{tok / 'val.bin'}: unreadable ({e})") from None
+    arr = tok_lib.open_tokens(tok / "val.bin", dtype)
     T = min(config.block_size, len(arr))
     if T < 2:
         return None
