@@ -617,15 +617,13 @@ def method_list(text):
 
 
 def device_name(text):
-    """argparse type of --device: auto (CUDA when present), or a device torch knows and has."""
+    """argparse type of --device: auto (CUDA when present), or a device name torch knows."""
     if text != "auto":
         try:
-            kind = torch.device(text).type
+            torch.device(text)
         except RuntimeError:
             raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}") from None
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available")
-    return common.pick_device(text)
+    return text
 
 
 def parse_args(argv=None):
@@ -653,7 +651,9 @@ def parse_args(argv=None):
     a("--seed", type=common.natural_int, default=0)
     a("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     a("--threads", type=common.natural_int, default=0, help="torch threads (0: PyTorch's default)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.device = common.pick_device(args.device)   # auto -> cuda or cpu; says when CUDA is absent
+    return args
 
 
 def run(argv=None):

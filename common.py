@@ -85,8 +85,8 @@ def pick_device(name=None):
     """The device a stage runs on: CUDA when present unless told otherwise."""
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
+    if name.startswith("cuda") and not torch.cuda.is_available():   # cuda, or cuda:N
+        raise UserError(f"--device {name}: no CUDA device is available")
     return name
 
 
