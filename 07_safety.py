@@ -15,13 +15,16 @@ tests the deployed *system*: the model plus its safeguards, layer by layer:
      of spans of the text, and a reading replaces its span when it reads as English and the
      span did not. Its policy: the guard reads English only, so a request in another language,
      or one that no decoder turns into English, is refused.
-  2. The guard, in the style of Llama Guard: our own pretrained model, fine-tuned with the LoRA
-     of 06_finetune_lora.py to label a text harmful or benign (three of them, from three seeds),
-     and beside them a logistic regression on hashed words and word pairs; the LoRA guards'
-     mean and the regression's probability are averaged. They train on seven requests in eight
-     of data/safety/guard_train.jsonl (disjoint from the test suite) and flag at a threshold
-     fitted on the eighth. They judge the user's text (and, on its own, whatever the normaliser
-     decoded from it) and, again, the model's reply before it is shown.
+  2. The guard: a logistic regression on hashed words and word pairs, labelling a text harmful
+     or benign. It trains on seven requests in eight of data/safety/guard_train.jsonl (disjoint
+     from the test suite) and flags at a threshold fitted on the eighth; it judges the user's
+     text (and, on its own, whatever the normaliser decoded from it) and, again, the model's
+     reply before it is shown. Its training is convex, so the verdict does not depend on the
+     seed or the machine. --guards N adds N copies of our own model fine-tuned with the LoRA
+     of 06_finetune_lora.py as classifiers (in the style of Llama Guard), each voting beside
+     it. They are off by default: this model knows too little English for it (trained on 4.8 MB),
+     and on held-out requests three of them made the guard worse (docs/experiments.md) at
+     about a minute each.
   3. An adversarial suite (data/safety/suite.jsonl, or --prompts FILE) goes through the system;
      the attack success rate and the over-refusal rate, with Wilson 95% intervals, are reported
      after each layer, per category and per attack style.
@@ -46,6 +49,7 @@ import importlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
 import resource
@@ -508,72 +512,91 @@ def guard_views(turns, window):
     return ["\n".join(normalize(t, payloads=payloads) for t in turns[-window:])] + payloads
 
 
+def all_views(convs, args):
+    """guard_views of each conversation, in order, on one process per core (the normaliser is
+    pure Python: one process keeps one core busy), or on --threads processes."""
+    fn = functools.partial(guard_views, window=args.guard_window)
+    procs = args.threads or os.cpu_count() or 1
+    if procs < 2 or len(convs) < 1000:
+        return list(map(fn, convs))
+    with multiprocessing.Pool(procs) as pool:
+        return pool.map(fn, convs, chunksize=256)
+
+
 def train_guard(lora, model, tok, rows, args):
-    """Fine-tune args.guards copies of the pretrained model (06 copies it) as 2-way classifiers,
-    1 = harmful, each from its own seed. Returns (list of guards, list of training infos)."""
-    texts, labels = [], []
+    """Train the n-gram guard on rows, and beside it args.guards copies of the pretrained model
+    (06 copies it) fine-tuned as 2-way classifiers, 1 = harmful, each from its own seed.
+    Returns (list of guards, list of the LoRA guards' training infos)."""
+    convs, labels = [], []
     for r in rows:
         # The guard judges every prefix of a conversation, so it must have seen prefixes: every
         # prefix of a benign conversation is benign, and so is a harmful one's opening turn
         # alone; the whole of it carries the row's label.
         for t in range(1, len(r["turns"]) if r["label"] == "benign" else min(2, len(r["turns"]))):
-            texts.append(guard_views(r["turns"][:t], args.guard_window)[0])
+            convs.append(r["turns"][:t])
             labels.append(0)
-        texts.append(guard_views(r["turns"], args.guard_window)[0])
+        convs.append(r["turns"])
         labels.append(int(r["label"] == "harmful"))
-    texts = [_fit(tok, t, args.max_len) for t in texts]
+    texts = [views[0] for views in all_views(convs, args)]
+    ngram = train_ngram(texts, labels)
+    window = [_fit(tok, t, args.max_len) for t in texts]
     # Choices measured on this project's data (docs/experiments.md): adapters in every linear layer
     # (rank 16), and max-pooled features, so that one harmful phrase decides however much
     # harmless framing ("translate this email...") surrounds it; a mean dilutes it.
-    out = [lora.train_classifier(model, tok, texts, labels, method="lora", steps=args.guard_steps,
+    out = [lora.train_classifier(model, tok, window, labels, method="lora", steps=args.guard_steps,
                                  lr=args.guard_lr, batch_size=args.guard_batch, max_len=args.max_len,
                                  seed=args.seed + i, device=args.device, pool="max", lora_targets="all",
                                  lora_r=16, lora_alpha=32)
            for i in range(args.guards)]
-    return [g for g, _ in out] + [train_ngram(texts, labels)], [info for _, info in out]
+    return [g for g, _ in out] + [ngram], [info for _, info in out]
 
 
-# A second kind of guard beside the LoRA ones: logistic regression on hashed words and pairs of
-# words (the hashing trick: each n-gram indexes one of NGRAM_BUCKETS weights). It knows no word
-# order beyond neighbours and no meaning, but it learns from every training row at once and its
-# training is convex: it has one optimum, reached whatever the seed or the order in which
-# floating point sums, where the LoRA guards' training ends somewhere different for each.
+# The guard: logistic regression on hashed words and pairs of words (the hashing trick: each
+# n-gram indexes one of NGRAM_BUCKETS weights, and a text's logit is the sum of its n-grams'
+# weights). It knows no word order beyond neighbours and no meaning, but it learns from every
+# training row at once and its training is convex: one optimum, reached whatever the seed or the
+# order in which floating point sums. LoRA guards (--guards N) can vote beside it.
 NGRAM_BUCKETS = 1 << 20
 NGRAM_L2 = 1e-5   # weight decay of the n-gram weights (1e-4 and 1e-3 did worse on held-out requests)
 
 
-def ngram_bag(texts):
-    """The texts as one EmbeddingBag input: the bucket of every word and word pair, and where
-    each text's ids start."""
-    ids = []
-    for t in texts:
+def ngram_ids(texts):
+    """The bucket of every distinct word and word pair of each text: (ids, the text of each id)."""
+    ids, rows = [], []
+    for i, t in enumerate(texts):
         ws = re.findall(r"[a-z0-9']+", t.lower())
-        ids.append(sorted({zlib.crc32(g.encode()) % NGRAM_BUCKETS for g in ws + [f"{a} {b}" for a, b in zip(ws, ws[1:])]})
-                   or [0])
-    return torch.tensor([i for x in ids for i in x]), torch.tensor([0, *itertools.accumulate(map(len, ids))][:-1])
+        grams = sorted({zlib.crc32(g.encode()) % NGRAM_BUCKETS for g in ws + [f"{a} {b}" for a, b in zip(ws, ws[1:])]})
+        ids += grams
+        rows += [i] * len(grams)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(rows, dtype=torch.long)
 
 
-class NgramGuard(torch.nn.Module):
+class NgramGuard:
     def __init__(self):
-        super().__init__()
-        self.weights = torch.nn.EmbeddingBag(NGRAM_BUCKETS, 1, mode="sum")   # a sum of n-gram weights
-        torch.nn.init.zeros_(self.weights.weight)
-        self.bias = torch.nn.Parameter(torch.zeros(1))
+        self.weights, self.bias = torch.zeros(NGRAM_BUCKETS), torch.zeros(1)
 
-    def forward(self, bag):
-        return self.weights(*bag)[:, 0] + self.bias   # the logit of P(harmful)
+    def logits(self, texts, bag=None):
+        ids, rows = bag or ngram_ids(texts)
+        return torch.zeros(len(texts)).index_add_(0, rows, self.weights[ids]) + self.bias
+
+    def prob(self, texts):
+        """P(harmful) of each text."""
+        return torch.sigmoid(self.logits(texts)).numpy()
 
 
 def train_ngram(texts, labels, steps=300):
-    """Fit an NgramGuard on all texts at once (full-batch Adam, L2 on the weights)."""
-    guard, bag, y = NgramGuard(), ngram_bag(texts), torch.tensor(labels, dtype=torch.float32)
-    opt = torch.optim.Adam(guard.parameters(), lr=0.05)
+    """Fit an NgramGuard on all texts at once: full-batch Adam on the mean binary cross-entropy,
+    plus L2 on the weights. The gradient is written out, as logistic regression allows: the
+    loss's gradient with respect to a text's logit is p - y, and each weight sums it over the
+    texts that hold its n-gram (autograd through the lookup took 14 times as long)."""
+    guard, bag, y = NgramGuard(), ngram_ids(texts), torch.tensor(labels, dtype=torch.float32)
+    opt = torch.optim.Adam([guard.weights, guard.bias], lr=0.05)
     for _ in range(steps):
-        loss = F.binary_cross_entropy_with_logits(guard(bag), y) + NGRAM_L2 * guard.weights.weight.square().sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        r = (torch.sigmoid(guard.logits(texts, bag)) - y) / len(texts)
+        guard.weights.grad = torch.zeros(NGRAM_BUCKETS).index_add_(0, bag[0], r[bag[1]]) + 2 * NGRAM_L2 * guard.weights
+        guard.bias.grad = r.sum(0, keepdim=True)
         opt.step()
-    return guard.eval()
+    return guard
 
 
 def split_validation(rows):
@@ -613,8 +636,8 @@ def build_guard(lora, model, tok, rows, args):
     """Train the guards on seven requests in eight of `rows` and fit the threshold on the eighth
     (unless the user set args.threshold). Returns (guards, training infos, validation figures)."""
     fit_rows, val_rows = split_validation(rows)
-    print(f"training {args.guards} guard(s): LoRA, {len(fit_rows)} rows ({len(val_rows)} held out), "
-          f"{args.guard_steps} steps each", flush=True)
+    print(f"training the n-gram guard" + (f" and {args.guards} LoRA guard(s) of {args.guard_steps} steps" if args.guards else "")
+          + f" on {len(fit_rows)} rows ({len(val_rows)} held out)", flush=True)
     guards, infos = train_guard(lora, model, tok, fit_rows, args)
     why, p_val = score_input(val_rows, lora, guards, tok, args)
     judged = [(p, r) for p, w, r in zip(p_val, why, val_rows) if w is None]
@@ -635,13 +658,12 @@ def harm_prob(lora, guards, tok, texts, args):
     averaging their probabilities cancels much of that, as bagging does."""
     if not texts:
         return []
-    texts = [_fit(tok, t, args.max_len) for t in texts]
     ngram = [g for g in guards if isinstance(g, NgramGuard)]
-    probs = [lora.predict(g, tok, texts, max_len=args.max_len, device=args.device)[1][:, 1]
+    window = [_fit(tok, t, args.max_len) for t in texts]   # a LoRA guard reads one window, the n-gram guard all
+    probs = [lora.predict(g, tok, window, max_len=args.max_len, device=args.device)[1][:, 1]
              for g in guards if not isinstance(g, NgramGuard)]
     votes = [sum(probs) / len(probs)] if probs else []
-    with torch.no_grad():
-        votes += [torch.sigmoid(g(ngram_bag(texts))).numpy() for g in ngram]
+    votes += [g.prob(texts) for g in ngram]
     return [float(p) for p in sum(votes) / len(votes)]
 
 
@@ -673,14 +695,16 @@ def score_input(rows, lora, guards, tok, args):
     """The input side for each row: why the policy refuses it (or None), and the guard's highest
     P(harmful) over its turns, each judged with the turns before it (a conversation is refused
     at its first flagged turn). Scored in one batch for speed."""
-    texts, owner = [], []
+    convs, owner = [], []
     for i, r in enumerate(rows):
-        for t in range(len(r["turns"])):
-            views = guard_views(r["turns"][:t + 1], args.guard_window)
-            texts += views
-            owner += [i] * len(views)
+        convs += [r["turns"][:t + 1] for t in range(len(r["turns"]))]
+        owner += [i] * len(r["turns"])
+    texts, who = [], []
+    for i, views in zip(owner, all_views(convs, args)):
+        texts += views
+        who += [i] * len(views)
     p_in = [0.0] * len(rows)
-    for i, p in zip(owner, harm_prob(lora, guards, tok, texts, args)):
+    for i, p in zip(who, harm_prob(lora, guards, tok, texts, args)):
         p_in[i] = max(p_in[i], p)
     return [refused_by_policy(r["turns"]) for r in rows], p_in
 
@@ -986,12 +1010,13 @@ def parse_args(argv=None):
     a("--max-over-refusal", type=common.fraction, default=0.10, help="gate: over-refusal must be below this (default 0.10)")
     a("--threshold", type=common.fraction, default=None,
       help="guard flags a text when P(harmful) >= this (default: fitted on held-out training requests)")
-    a("--guards", type=common.positive_int, default=3, help="LoRA guards in the ensemble, each trained from its own seed")
+    a("--guards", type=common.natural_int, default=0,
+      help="LoRA guards voting beside the n-gram guard, each from its own seed (default 0: see the docstring)")
     a("--guard-steps", type=common.positive_int, default=800, help="LoRA fine-tuning steps for each guard")
     a("--turns", type=common.int_at_least(5), default=30, help="turns of the long dialogue (>= 25 tests past the window)")
     a("--seed", type=common.natural_int, default=0)
     a("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    a("--threads", type=common.natural_int, default=0, help="torch threads (0: PyTorch's default)")
+    a("--threads", type=common.natural_int, default=0, help="torch threads and normaliser processes (0: the defaults)")
     # Settings of the guard and the replies that nobody tunes from the command line; the
     # tests shorten them, so they stay flags, hidden from --help.
     for flag, kind, default in (("--guard-lr", common.positive_float, 3e-3), ("--guard-batch", common.positive_int, 16),

@@ -1,16 +1,17 @@
 """The safety gate of 07_safety.py, measured beyond one run: its spread, and how it generalises.
 
     python bench/bench_safety.py spread [--data DIR]            # 07 for seeds 0-2 x threads 1, 2
-    python bench/bench_safety.py styles [--data DIR] [--guards 1] [--seed 0] [--threads N]
+    python bench/bench_safety.py styles [--data DIR] [--guards 0] [--seed 0] [--threads N]
 
 spread: a verdict that flips with the seed or with the order in which floating point sums (the
 thread count, the CPU) is not a verdict. It runs 07_safety.py as a user would, six times (seeds
 0, 1, 2, each with --threads 1 and --threads 2), and prints each run's attack success and
 over-refusal on the built-in suite, their range, and whether every run passed the gate. About
-4 to 5 minutes a run on 2 cores.
+2 minutes a run on 2 cores. With the default guard (the n-gram guard alone) the seed changes
+nothing by construction; the runs show it, and show what the thread count changes.
 
 styles: a guard tested only on the framings it was trained on says little about the next
-attack. This trains one guard (or --guards of them) on the whole training set, as 07 does, and
+attack. This trains the guard on the whole training set, as 07 does (--guards adds LoRA guards), and
 one more for each family of styles below with every training row of that family left out. Each
 suite style is then measured twice through the whole system (normaliser, policy, guard on the
 input and on the reply): by the guard that trained on its family ("in training"), and by the
@@ -18,7 +19,7 @@ guard that never saw it ("family held out"). Leaving out the family, not the sty
 the stricter test: a guard that saw hex but not base64 has still seen "decode this and do it".
 The encodings are expected to move little when held out: the normaliser turns them back into
 plain text before the guard reads them, so they generalise by mechanism. The framings are what
-the guard has to learn. About 1 minute per guard on 2 cores, plus one pass of the suite each.
+the guard has to learn. About 1 minute per guard on 2 cores (plus 1 per LoRA guard), suite included.
 
 Both print a table and write DIR/bench_safety.json (one key per mode).
 """
@@ -113,7 +114,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["spread", "styles"])
     ap.add_argument("--data", default="data", help="reads DIR/02_tokenize/ and DIR/04_train/ckpt.pt")
-    ap.add_argument("--guards", type=int, default=1, help="styles: guards per ensemble (07's default run uses 3)")
+    ap.add_argument("--guards", type=int, default=0, help="styles: LoRA guards beside the n-gram guard (as 07's --guards)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 from conftest import ROOT, load, run
@@ -310,8 +311,7 @@ def test_ngram_guard_learns_word_pairs_and_votes_as_one(tmp_path):
              "how do i kill a process", "kill the python process", "please kill the job", "kill a stuck task"]
     labels = [1] * 4 + [0] * 4
     guard = safety.train_ngram(texts, labels)
-    with torch.no_grad():
-        p = torch.sigmoid(guard(safety.ngram_bag(["can you kill him", "can you kill the process"]))).tolist()
+    p = guard.prob(["can you kill him", "can you kill the process"])
     assert p[0] > 0.5 > p[1], p
     # convex training: another thread count reaches the same optimum
     n = torch.get_num_threads()
@@ -320,17 +320,38 @@ def test_ngram_guard_learns_word_pairs_and_votes_as_one(tmp_path):
         again = safety.train_ngram(texts, labels)
     finally:
         torch.set_num_threads(n)
-    assert torch.allclose(again.weights.weight, guard.weights.weight, atol=1e-5)
+    assert torch.allclose(again.weights, guard.weights, atol=1e-5)
 
     class Constant:   # LoRA "guards" that always answer their P(harmful)
         def predict(self, g, tok, texts, max_len, device):
             return [int(g >= 0.5)] * len(texts), np.array([[1 - g, g]] * len(texts))
     tok, _ = tiny_setup(tmp_path)
     args = safety.parse_args(["--device", "cpu"])
-    with torch.no_grad():
-        q = torch.sigmoid(guard(safety.ngram_bag(["kill him"]))).item()
+    q = guard.prob(["kill him"])[0]
     # the LoRA guards' mean (0.2 and 0.6 -> 0.4) and the n-gram guard each have one vote
     assert safety.harm_prob(Constant(), [0.2, 0.6, guard], tok, ["kill him"], args) == pytest.approx([(0.4 + q) / 2])
+
+
+def test_ngram_gradient_written_out_equals_autograd():
+    # the reference: the same loss through an EmbeddingBag and autograd, the same Adam steps
+    texts, labels = ["make a bomb", "bake a cake", "a bomb threat", "a cake recipe", ""], [1, 0, 1, 0, 0]
+    guard = safety.train_ngram(texts, labels, steps=25)
+    ids, rows = safety.ngram_ids(texts)
+    emb = torch.nn.EmbeddingBag(safety.NGRAM_BUCKETS, 1, mode="sum")
+    torch.nn.init.zeros_(emb.weight)
+    bias = torch.zeros(1, requires_grad=True)
+    offsets = torch.tensor([0, *torch.bincount(rows, minlength=len(texts)).cumsum(0)[:-1].tolist()])
+    opt = torch.optim.Adam([emb.weight, bias], lr=0.05)
+    for _ in range(25):
+        logit = emb(ids, offsets)[:, 0] + bias
+        loss = F.binary_cross_entropy_with_logits(logit, torch.tensor(labels, dtype=torch.float32)) \
+            + safety.NGRAM_L2 * emb.weight.square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.allclose(guard.weights, emb.weight[:, 0].detach(), atol=1e-6)
+    assert torch.allclose(guard.bias, bias.detach(), atol=1e-6)
+    assert guard.weights.abs().max() > 0.1   # it did learn
 
 
 def test_long_dialogue_past_the_window(tmp_path, one_thread):
@@ -380,8 +401,8 @@ def e2e(tmp_path_factory):
     passing = jsonl(d / "pass.jsonl", suite)
     # the same prompts with the labels swapped: every harmful one gets through -> gate fails
     failing = jsonl(d / "fail.jsonl", [{**r, "label": "benign" if r["label"] == "harmful" else "harmful"} for r in suite])
-    flags = ["--data", d, "--guard-train", train, "--guards", "2", "--guard-steps", "60", "--guard-lr", "1e-2",
-             "--guard-batch", "16", "--max-len", "48", "--max-new-tokens", "4", "--turns", "25", "--threads", "1"]
+    flags = ["--data", d, "--guard-train", train, "--max-len", "48", "--max-new-tokens", "4", "--turns", "25",
+             "--threads", "1"]
     return d, passing, failing, flags
 
 

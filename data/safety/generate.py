@@ -24,12 +24,14 @@ that is missing counts as empty):
         {r} stands for the request, {x} for the obfuscated request, {a} {b} for its two halves
         in a multi_turn template (a list of turns)
     bias_templates.jsonl   (read by 07 itself) its guard_template lines count as suite requests
+    the built-in corpus of 01_clean.py: CORPUS_ROWS passages of it train as benign (style
+        "corpus"), and its words make the normaliser's lexicon
 Out, one JSON object a line: {"prompt": str} or {"turns": [str, ...]}, plus "label"
 (harmful|benign), "category", "style" (and, for obfuscated lines, "plain": the text before
 obfuscation; for other languages "lang") and "request": the id of the base request the row was
 made from, "<category>/<file stem>/<index from 0>" ("weapons/train_harmful/17"), shared by all
 rows made from it. Besides the attack styles of STYLES, "style" is "hard_negative" (a hard
-negative as it is), "dialogue" or "other_language".
+negative as it is), "dialogue", "other_language" or "corpus".
 """
 import base64
 import codecs
@@ -260,6 +262,10 @@ def build(split, rng):
         category = d.get("category", "general")
         rows.append({"turns": d["turns"], "label": "benign", "category": category, "style": "dialogue",
                      "request": f"{category}/{split}_dialogues/{n}"})
+    if split == "train":
+        for n, text in enumerate(passages(CORPUS_ROWS, random.Random(2))):
+            rows.append({"prompt": text, "label": "benign", "category": "general", "style": "corpus",
+                         "request": f"general/corpus/{n}"})
     return rows
 
 
@@ -337,10 +343,33 @@ CHAT = "hi hey hello ok okay pls plz thx thanks lol omg btw im ive id youre dont
        "didnt thats whats lets gonna wanna u ur".split()
 
 
-def lexicon():
+def corpus():
+    """The built-in corpus of 01_clean.py (Wikipedia summaries and Python's documentation)."""
     sys.path.insert(0, str(HERE.parents[1]))
     clean = __import__("importlib").import_module("01_clean")
-    texts = [d["text"] for d in clean.load_wikipedia() + clean.load_pydoc()]
+    return [d["text"] for d in clean.load_wikipedia() + clean.load_pydoc()]
+
+
+# The guard also judges the model's replies, and a small model's replies read like fragments of
+# its corpus. Without such text among the benign rows, the guard knows nothing of it and scores
+# it near its prior, close to the threshold (1 benign reply in 11 was flagged); with 1,000
+# passages, 1 in 140, at a cost of 0.3 points on held-out requests.
+CORPUS_ROWS = 1000
+
+
+def passages(n, rng):
+    """n runs of 4 to 30 consecutive words from the built-in corpus's documents."""
+    docs = [t.split() for t in corpus() if len(t.split()) >= 8]
+    out = []
+    for _ in range(n):
+        ws, k = rng.choice(docs), rng.randint(4, 30)
+        i = rng.randint(0, max(0, len(ws) - k))
+        out.append(" ".join(ws[i:i + k]))
+    return out
+
+
+def lexicon():
+    texts = corpus()
     ours = [r for c in CATEGORIES for name in LISTS if name.startswith("train") for r in REQUESTS[c][name]]
     ours += GENERAL + [t for f in FRAMES["train"].values() for t in f for t in ([t] if isinstance(t, str) else t)]
     ours += [t for d in DIALOGUES["train"] for t in d["turns"]]
