@@ -132,6 +132,8 @@ MUTANTS = [
      "_shift: capitals not shifted"),
     ("07_safety.py", 's + "=" * (-len(s) % 4)', 's + "=" * (len(s) % 4)', "base64: wrong padding"),
     ("07_safety.py", "k = max(range(1, 26), key=", "k = max(range(1, 25), key=", "caesar: shift 25 never tried"),
+    ("07_safety.py", "index_add_(0, bag[0], r[bag[1]])", "index_add_(0, bag[0], r[bag[1]].abs())",
+     "n-gram guard: the gradient loses its sign"),
     # ---- 08_export.py: parity figures, fp32 regions of the fp16 graph, KV cache, generation
     ("08_export.py", "float(np.abs(ref - got).max())", "float((ref - got).max())", "compare: no absolute value"),
     ("08_export.py", "float((ref.argmax(-1) == got.argmax(-1)).mean())",
