@@ -352,9 +352,9 @@ def corpus():
 
 # The guard also judges the model's replies, and a small model's replies read like fragments of
 # its corpus. Without such text among the benign rows, the guard knows nothing of it and scores
-# it near its prior, close to the threshold (1 benign reply in 11 was flagged); with 1,000
-# passages, 1 in 140, at a cost of 0.3 points on held-out requests.
-CORPUS_ROWS = 1000
+# it near its prior, close to the threshold: 1 benign reply in 11 was flagged. With 2,000
+# passages, about 1 in 130, at a cost of 0.2 points on held-out requests (docs/experiments.md).
+CORPUS_ROWS = 2000
 
 
 def passages(n, rng):
