@@ -22,9 +22,9 @@ tests the deployed *system*: the model plus its safeguards, layer by layer:
      reply before it is shown. Its training is convex, so the verdict does not depend on the
      seed or the machine. --guards N adds N copies of our own model fine-tuned with the LoRA
      of 06_finetune_lora.py as classifiers (in the style of Llama Guard), each voting beside
-     it. They are off by default: this model knows too little English for it (trained on 4.8 MB),
-     and on held-out requests three of them made the guard worse (docs/experiments.md) at
-     about a minute each.
+     it. They are off by default: on held-out requests three of them made the guard worse
+     (docs/experiments.md), at about a minute each; a model trained on 4.8 MB of text probably
+     knows too little English to judge a request it has not seen.
   3. An adversarial suite (data/safety/suite.jsonl, or --prompts FILE) goes through the system;
      the attack success rate and the over-refusal rate, with Wilson 95% intervals, are reported
      after each layer, per category and per attack style.
@@ -65,7 +65,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
@@ -572,6 +571,8 @@ def ngram_ids(texts):
 
 
 class NgramGuard:
+    """P(harmful) = sigmoid(bias + the sum of the weights of the text's n-gram buckets)."""
+
     def __init__(self):
         self.weights, self.bias = torch.zeros(NGRAM_BUCKETS), torch.zeros(1)
 
@@ -636,7 +637,7 @@ def build_guard(lora, model, tok, rows, args):
     """Train the guards on seven requests in eight of `rows` and fit the threshold on the eighth
     (unless the user set args.threshold). Returns (guards, training infos, validation figures)."""
     fit_rows, val_rows = split_validation(rows)
-    print(f"training the n-gram guard" + (f" and {args.guards} LoRA guard(s) of {args.guard_steps} steps" if args.guards else "")
+    print("training the n-gram guard" + (f" and {args.guards} LoRA guard(s) of {args.guard_steps} steps" if args.guards else "")
           + f" on {len(fit_rows)} rows ({len(val_rows)} held out)", flush=True)
     guards, infos = train_guard(lora, model, tok, fit_rows, args)
     why, p_val = score_input(val_rows, lora, guards, tok, args)
@@ -653,9 +654,10 @@ def build_guard(lora, model, tok, rows, args):
 
 
 def harm_prob(lora, guards, tok, texts, args):
-    """P(harmful) for each text. The LoRA guards' mean, and the n-gram guard's, averaged: two
-    kinds of model, one vote each. Guards trained from different seeds err on different prompts;
-    averaging their probabilities cancels much of that, as bagging does."""
+    """P(harmful) for each text: the n-gram guard's, or with LoRA guards (--guards N), their mean
+    and the n-gram guard's averaged, two kinds of model with one vote each. LoRA guards trained
+    from different seeds err on different prompts; their mean cancels some of that, as bagging
+    does."""
     if not texts:
         return []
     ngram = [g for g in guards if isinstance(g, NgramGuard)]
