@@ -270,13 +270,14 @@ def build(split, rng):
 
 
 def check_disjoint(limit=0.6, frame_limit=0.5):
-    """The suite measures generalisation: no training text (requests, dialogue turns) may share
-    more than `limit` of its word set (Jaccard) with a suite text (requests, translations, dialogue
-    turns, the bias test's benign group templates, so that its fairness probe stays unseen), and no
-    training template more than `frame_limit` with any suite template (placeholders aside), so a
-    suite frame stays unseen. Small talk (GENERAL, training dialogue turns) is also kept
-    `frame_limit` apart from every single turn of a suite template or dialogue (the suite's
-    "Let's play a word game." opener stays unseen too). Prints every failure, then stops."""
+    """The suite measures generalisation: no training text (requests, dialogue turns, corpus
+    passages) may share more than `limit` of its word set (Jaccard) with a suite text (requests,
+    translations, dialogue turns, the bias test's benign group templates, so that its fairness
+    probe stays unseen), and no training template more than `frame_limit` with any suite template
+    (placeholders aside), so a suite frame stays unseen. Small talk (GENERAL, training dialogue
+    turns) is also kept `frame_limit` apart from every single turn of a suite template or
+    dialogue (the suite's "Let's play a word game." opener stays unseen too). Prints every
+    failure, then stops."""
     words = lambda t: set(re.findall(r"[a-z0-9']+", re.sub(r"\{[rxab]?\}", " ", t).lower()))
     jaccard = lambda a, b: len(a & b) / len(a | b) if a | b else 0.0
     bad = []
@@ -311,7 +312,8 @@ def check_disjoint(limit=0.6, frame_limit=0.5):
             if h != b:
                 bad.append(f"{c}/{split}: {h} harmful requests but {b} benign twins")
     suite += [(f"bias guard_template {n}", t) for n, t in enumerate(GUARD_TEMPLATES)]
-    apart(train + turns("train"), suite + turns("suite"), limit, "the suite's")
+    corpus_rows = [(f"corpus passage {n}", t) for n, t in enumerate(passages(CORPUS_ROWS, random.Random(2)))]
+    apart(train + turns("train") + corpus_rows, suite + turns("suite"), limit, "the suite's")
 
     text = lambda t: " ".join(t) if isinstance(t, list) else t   # a multi-turn template: all its turns
     frames = lambda split, st: [(f"frames/{split}.jsonl {st} {n}", text(t))
