@@ -537,8 +537,7 @@ def train_guard(lora, model, tok, rows, args):
         convs.append(r["turns"])
         labels.append(int(r["label"] == "harmful"))
     texts = [views[0] for views in all_views(convs, args)]
-    ngram = train_ngram(texts, labels)
-    window = [_fit(tok, t, args.max_len) for t in texts]
+    window = [_fit(tok, t, args.max_len) for t in texts] if args.guards else []   # what a LoRA guard reads
     # Choices measured on this project's data (docs/experiments.md): adapters in every linear layer
     # (rank 16), and max-pooled features, so that one harmful phrase decides however much
     # harmless framing ("translate this email...") surrounds it; a mean dilutes it.
@@ -547,7 +546,7 @@ def train_guard(lora, model, tok, rows, args):
                                  seed=args.seed + i, device=args.device, pool="max", lora_targets="all",
                                  lora_r=16, lora_alpha=32)
            for i in range(args.guards)]
-    return [g for g, _ in out] + [ngram], [info for _, info in out]
+    return [g for g, _ in out] + [train_ngram(texts, labels)], [info for _, info in out]
 
 
 # The guard: logistic regression on hashed words and pairs of words (the hashing trick: each
@@ -660,12 +659,11 @@ def harm_prob(lora, guards, tok, texts, args):
     does."""
     if not texts:
         return []
-    ngram = [g for g in guards if isinstance(g, NgramGuard)]
-    window = [_fit(tok, t, args.max_len) for t in texts]   # a LoRA guard reads one window, the n-gram guard all
-    probs = [lora.predict(g, tok, window, max_len=args.max_len, device=args.device)[1][:, 1]
-             for g in guards if not isinstance(g, NgramGuard)]
+    loras = [g for g in guards if not isinstance(g, NgramGuard)]
+    window = [_fit(tok, t, args.max_len) for t in texts] if loras else []   # a LoRA guard reads one window, the n-gram guard all
+    probs = [lora.predict(g, tok, window, max_len=args.max_len, device=args.device)[1][:, 1] for g in loras]
     votes = [sum(probs) / len(probs)] if probs else []
-    votes += [g.prob(texts) for g in ngram]
+    votes += [g.prob(texts) for g in guards if isinstance(g, NgramGuard)]
     return [float(p) for p in sum(votes) / len(votes)]
 
 
