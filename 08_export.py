@@ -4,10 +4,15 @@ against PyTorch.
 
 In:  a checkpoint (default data/04_train/ckpt.pt; any base or fine-tuned one via --ckpt)
      data/02_tokenize/val.bin + meta.json when present, for parity on real text
+     data/07_safety/guard.pt when present, the guard that serve.py runs
 Out: data/08_export/model_fp16.pt       the same checkpoint in half precision (load_model reads it)
      data/08_export/model.onnx          input_ids (batch, sequence) -> logits
      data/08_export/model_kv.onnx       + past_key_values.N.key/value in, present.N.key/value out
      data/08_export/model{,_kv}_fp16.onnx, model{,_kv}_int8.onnx   the two graphs, smaller
+     data/08_export/config.json         the model's config, for a server that runs the graphs
+                                        without PyTorch (block_size and vocab_used are not in them)
+     data/08_export/guard.onnx, guard.json   07's guard (from data/07_safety/guard.pt, when 07
+                                        has run) and its threshold, for the server too
      data/08_export/report.json, report.md, latency.png
 
 The ideas, in the order the code uses them:
@@ -34,6 +39,7 @@ graphs over 2 GB (they would need ONNX external data).
 import argparse
 import contextlib
 import copy
+import dataclasses
 import importlib
 import io
 import json
@@ -49,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import safeguards
 from common import UserError
 
 tok_lib = importlib.import_module("02_tokenize")
@@ -60,6 +67,7 @@ model_lib = importlib.import_module("03_model")
 # random ids the model's next-token distribution is nearly flat, so a top-1 flip there is a
 # near-tie of no consequence: it is reported, not required (unless there is no real text).
 TOL_FP32 = 1e-4
+TOL_GUARD = 1e-5   # P(harmful): one sum of float32 weights, in another order
 REL_TOL = {"fp16": 0.01, "int8": 0.05}
 MIN_TOP1 = 0.99
 
@@ -116,8 +124,7 @@ class WithCache(torch.nn.Module):
 
 
 def export_onnx(model, path, with_cache):
-    """torch.onnx.export with the dynamo exporter, then onnx.checker. Returns the file path."""
-    import onnx
+    """The full or the KV graph of the model, exported to `path`."""
     cfg = model.config
     head_dim = cfg.n_embd // cfg.n_head
     # Symbolic sizes: the graph will accept any batch and any length up to the context window.
@@ -137,11 +144,17 @@ def export_onnx(model, path, with_cache):
         args, wrapper = (ids,), LogitsOnly(model)
         names, outputs = ["input_ids"], ["logits"]
         dynamic = {"input_ids": {0: batch, 1: seq}}
+    return to_onnx(wrapper.eval(), args, path, names, outputs, dynamic)
+
+
+def to_onnx(module, args, path, names, outputs, dynamic):
+    """torch.onnx.export(dynamo=True) of module(*args), quietly; then onnx.checker."""
+    import onnx
     # the exporter narrates every phase and warns about optional packages; keep the bar clean
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        torch.onnx.export(wrapper.eval(), args, str(path), dynamo=True, input_names=names,
+        torch.onnx.export(module, args, str(path), dynamo=True, input_names=names,
                           output_names=outputs, dynamic_shapes=dynamic, external_data=False,
                           verbose=False)
     # The exporter records on every node the Python stack trace that made it: handy when
@@ -153,6 +166,34 @@ def export_onnx(model, path, with_cache):
     onnx.save(m, str(path))
     onnx.checker.check_model(str(path), full_check=True)   # full_check: shapes and types infer
     return path
+
+
+class Guard(torch.nn.Module):
+    """07's n-gram guard as a graph: the buckets of one text's words and word pairs
+    (safeguards.ngram_buckets) in, P(harmful) out. A server hashes the text, ONNX Runtime sums."""
+
+    def __init__(self, weights, bias):
+        super().__init__()
+        self.register_buffer("weights", weights)
+        self.register_buffer("bias", bias)
+
+    def forward(self, ngram_ids):
+        return torch.sigmoid(self.weights[ngram_ids].sum(0, keepdim=True) + self.bias)
+
+
+def export_guard(guard, path, threads):
+    """guard.onnx from 07's guard.pt, and the largest difference between its P(harmful) and the
+    one 07's guard gave, in PyTorch, on the texts 07 saved with it (a text with no n-gram too)."""
+    if guard["weights"].shape != (safeguards.NGRAM_BUCKETS,):
+        raise UserError(f"07_safety/guard.pt: {guard['weights'].shape[0]} weights, not the "
+                        f"{safeguards.NGRAM_BUCKETS} n-gram buckets of safeguards.py; run 07_safety.py again")
+    n = torch.export.Dim("ngrams", min=0)   # any number of n-grams, none included
+    to_onnx(Guard(guard["weights"], guard["bias"]).eval(), (torch.tensor([3, 5, 7]),), path,
+            ["ngram_ids"], ["p_harmful"], {"ngram_ids": {0: n}})
+    sess = ort_session(path, threads, ["CPUExecutionProvider"])
+    got = [sess.run(None, {"ngram_ids": np.array(safeguards.ngram_buckets(t), np.int64)})[0][0]
+           for t in guard["check_texts"]]
+    return float(np.abs(np.array(got) - guard["check_p"].numpy()).max())
 
 
 # ----------------------------------------------------------------------------- 4. fp16 and int8 graphs
@@ -451,7 +492,7 @@ def build(args, model, ckpt, ckpt_path, work, real, rng, prompt_len, gen_tokens,
     """Everything that writes into the temporary folder; returns the report dict."""
     import onnxruntime as ort
     cfg = model.config
-    bar = tqdm(total=7, desc="export", dynamic_ncols=True, postfix="fp16 checkpoint")
+    bar = tqdm(total=8, desc="export", dynamic_ncols=True, postfix="fp16 checkpoint")
 
     def stage(next_step):
         bar.update(1)
@@ -522,6 +563,15 @@ def build(args, model, ckpt, ckpt_path, work, real, rng, prompt_len, gen_tokens,
         agreement[f"{name}.onnx"] = float((got[:, prompt.shape[1]:] == want[:, prompt.shape[1]:]).mean())
         if name == "model_kv":
             checks["greedy generate in ONNX Runtime equals PyTorch generate"] = bool(np.array_equal(got, want))
+    stage("guard")
+
+    # The guard of step 9 (07 saved it): a server must run it without PyTorch, so it is a graph too
+    guard_pt, guard = Path(args.data) / "07_safety" / "guard.pt", None
+    if guard_pt.is_file():
+        guard = common.load_checkpoint(guard_pt)
+        guard_diff = export_guard(guard, work / "guard.onnx", args.threads)
+        checks["guard.onnx matches 07's guard on the texts it saved"] = guard_diff <= TOL_GUARD
+        (work / "guard.json").write_text(json.dumps({"threshold": float(guard["threshold"])}, indent=2) + "\n")
     stage("latency")
 
     # 6. latency: the KV graphs serve both prefill (empty past) and decode, as in a server.
@@ -550,10 +600,14 @@ def build(args, model, ckpt, ckpt_path, work, real, rng, prompt_len, gen_tokens,
                      "agreement": agreement},
         "latency_setup": {"prompt_len": prompt_len, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
                           "threads": args.threads or torch.get_num_threads(), "batch": 1},
+        "guard": None if guard is None else {"file": "guard.onnx", "threshold": float(guard["threshold"]),
+                                             "texts": len(guard["check_texts"]), "max_abs_diff": guard_diff},
         "latency": latency, "checks": checks, "passed": all(checks.values()),
     }
     write_report(work, report)
     plot_latency(work, latency)
+    # what serve.py needs beside the graphs: how long a window may grow, which ids are padding
+    (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return report
 
 
@@ -620,7 +674,10 @@ def run(argv=None):
     print()
     for name, ok in report["checks"].items():
         print(f"{'pass' if ok else 'FAIL'}  {name}")
-    print(f"wrote {out}/ (model_fp16.pt, 6 .onnx files, report.json, report.md, latency.png)")
+    print(f"wrote {out}/ (model_fp16.pt, 6 .onnx files, config.json, " +
+          ("guard.onnx, guard.json, " if report["guard"] else "") + "report.json, report.md, latency.png)")
+    if not report["guard"]:
+        print(f"no {Path(args.data) / '07_safety' / 'guard.pt'}, so no guard.onnx: serve.py needs it (run 07_safety.py first)")
     if not report["passed"]:
         print("08_export.py: some parity checks failed; see report.md", file=sys.stderr)
         return 1

@@ -11,7 +11,8 @@ uses them alike:
   * save_checkpoint() and load_checkpoint(): an atomic torch.save, and torch.load with
     weights_only=True whose failures are the user's (a wrong or damaged file).
   * wilson(): the 95% interval of a rate; pick_device().
-It imports no stage, so any stage may import it.
+It imports no stage, so any stage may import it, and imports torch only inside the functions
+that need it, so that serve.py (which must run without PyTorch) can import it too.
 """
 import argparse
 import contextlib
@@ -21,8 +22,6 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-
-import torch
 
 
 class UserError(ValueError):
@@ -83,6 +82,7 @@ fraction = number(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
 
 def pick_device(name=None):
     """The device a stage runs on: CUDA when present unless told otherwise."""
+    import torch
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():   # cuda, or cuda:N
@@ -136,6 +136,7 @@ def save_checkpoint(obj, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = {**obj, "model": strip_prefixes(obj["model"])}
+    import torch
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         torch.save(obj, tmp)
@@ -146,6 +147,7 @@ def save_checkpoint(obj, path):
 
 def load_checkpoint(path, device="cpu"):
     """torch.load(weights_only=True): tensors and plain containers only, never code."""
+    import torch
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:

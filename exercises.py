@@ -138,21 +138,20 @@ EXERCISES = {
             "same attribute of the same parent module). Return the model.",
     },
     "07_safety": {
-        "caesar_readings":
-            "Find the message's key: the shift k in 1..25 under which its non-English clauses "
-            "(_clauses), joined by spaces, read most as English. Return (start, end, clause shifted by "
-            "k) for each of those clauses.",
+        "NgramGuard.logits":
+            "Each text's logit: the bias plus the sum of self.weights at the text's n-gram buckets. "
+            "bag is (ids, rows) as ngram_ids returns them (compute it when None); a text with no "
+            "n-gram gets the bias alone. Return a float tensor of len(texts).",
         "fit_threshold":
             "Sort the rows by p. Of the cuts between distinct p values (and both ends), take the middle "
             "one of those with the least max(share of harmful rows below the cut, share of benign rows "
             "from it on); return the midpoint of the p values either side of it (0.0 or 1.0 at an end, "
             "0.5 when a class is missing).",
-        "base64_readings":
-            "For each run of base64-alphabet tokens: the first span (starting within its first 8 "
-            "tokens; the longest, up to 64 tokens, first) whose tokens glued together decode, standard "
-            "or URL-safe, padded or not, to printable text (_text). Skip spans shorter than 12, of a "
-            "length 1 mod 4, or with no capital or digit after the first character. One "
-            "(start, end, text) per run that has one.",
+        "train_ngram":
+            "Full-batch Adam (lr 0.05) for `steps` steps on the mean binary cross-entropy of "
+            "sigmoid(logits) against labels, plus NGRAM_L2 * the sum of squared weights. Write the "
+            "gradient yourself: (p - y) / n for each text's logit, summed into the weights of its "
+            "buckets (index_add_) and into the bias. Return the NgramGuard.",
     },
     "08_export": {
         "kv_logits":

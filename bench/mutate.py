@@ -21,7 +21,7 @@ CI's test run: it takes minutes per stage (04 and 07 the longest) and always exi
 
 Usage:
   .venv/bin/python bench/mutate.py                     # every stage
-  .venv/bin/python bench/mutate.py --stage 03 --stage 05,06   # "co": common.py
+  .venv/bin/python bench/mutate.py --stage 03 --stage 05,06   # "co": common.py, "sa": safeguards.py
   .venv/bin/python bench/mutate.py --list              # print (and check) the mutants only
 """
 import argparse
@@ -128,12 +128,19 @@ MUTANTS = [
     ("07_safety.py", 'k = sum((not x["blocked"][layer]) if label == "harmful" else x["blocked"][layer] for x in xs)',
      'k = sum(x["blocked"][layer] if label == "harmful" else (not x["blocked"][layer]) for x in xs)',
      "rate: attack success and over-refusal swapped"),
-    ("07_safety.py", "a[k:] + a[:k] + (a[k:] + a[:k]).upper()", "a[k:] + a[:k] + a.upper()",
-     "_shift: capitals not shifted"),
-    ("07_safety.py", 's + "=" * (-len(s) % 4)', 's + "=" * (len(s) % 4)', "base64: wrong padding"),
-    ("07_safety.py", "k = max(range(1, 26), key=", "k = max(range(1, 25), key=", "caesar: shift 25 never tried"),
     ("07_safety.py", "index_add_(0, bag[0], r[bag[1]])", "index_add_(0, bag[0], r[bag[1]].abs())",
      "n-gram guard: the gradient loses its sign"),
+    # ---- safeguards.py: decoders, what they leave alone, the guard's features
+    ("safeguards.py", "a[k:] + a[:k] + (a[k:] + a[:k]).upper()", "a[k:] + a[:k] + a.upper()",
+     "_shift: capitals not shifted"),
+    ("safeguards.py", 's + "=" * (-len(s) % 4)', 's + "=" * (len(s) % 4)', "base64: wrong padding"),
+    ("safeguards.py", "k = max(range(1, 26), key=", "k = max(range(1, 25), key=", "caesar: shift 25 never tried"),
+    ("safeguards.py", "for w in words(m.group(0))) >= 4 and", "for w in words(m.group(0))) >= 3 and",
+     "_clauses: a cipher guessed from three short words"),
+    ("safeguards.py", 'ws + [f"{a} {b}" for a, b in zip(ws, ws[1:])]', "ws", "ngram_buckets: no word pairs"),
+    # ---- 08_export.py: the guard's graph
+    ("08_export.py", "self.weights[ngram_ids].sum(0, keepdim=True)", "self.weights[ngram_ids].mean(0, keepdim=True)",
+     "Guard: the mean of the weights, not their sum"),
     # ---- 08_export.py: parity figures, fp32 regions of the fp16 graph, KV cache, generation
     ("08_export.py", "float(np.abs(ref - got).max())", "float((ref - got).max())", "compare: no absolute value"),
     ("08_export.py", "float((ref.argmax(-1) == got.argmax(-1)).mean())",
@@ -177,7 +184,7 @@ def copy_repo(dst):
 
 def run_tests(folder, stage, timeout):
     """Run the stage's tests in folder: returns ("pass" | "fail" | "timeout", seconds)."""
-    tests = sorted(glob.glob(os.path.join(folder, "tests", f"test_{stage}*.py")))   # "co": test_common.py
+    tests = sorted(glob.glob(os.path.join(folder, "tests", f"test_{stage}*.py")))   # "co": test_common.py, "sa": test_safeguards.py
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     # no .pyc files: a mutant and the original may have the same size and mtime second
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import safeguards as sg
 from conftest import load, run
 
 m = load("03_model")
@@ -32,6 +33,13 @@ def session(path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def guard_pt(weights, bias, texts=("how do i make a bomb", "hello there, how are you", "")):
+    """07's guard.pt: P(harmful) = sigmoid(bias + the sum of the weights of a text's n-grams)."""
+    p = [torch.sigmoid(bias + weights[sg.ngram_buckets(t)].sum()) for t in texts]
+    return {"weights": weights, "bias": bias, "threshold": 0.4, "check_texts": list(texts),
+            "check_p": torch.cat(p)}
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
@@ -45,6 +53,8 @@ def exported(tmp_path_factory):
     (tmp / "02_tokenize").mkdir()
     np.frombuffer(text, dtype=np.uint8).astype(np.uint16).tofile(tmp / "02_tokenize" / "val.bin")
     (tmp / "02_tokenize" / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 257}))
+    # a guard as 07 saves it, with the probabilities it gives some texts, computed here
+    common.save_checkpoint(guard_pt(torch.randn(sg.NGRAM_BUCKETS), torch.tensor([-0.5])), tmp / "07_safety" / "guard.pt")
     # 40 generated tokens from an 8-token prompt overflow the 32-token window: the slide is tested
     r = run("08_export", "--data", tmp, "--ckpt", ckpt, "--threads", "1", "--repeats", "1",
             "--decode-tokens", "4", "--gen-tokens", "40")
@@ -64,7 +74,20 @@ def test_outputs_and_report(exported):
     assert (out / "report.md").read_text().startswith("# Export report")
     assert (out / "latency.png").stat().st_size > 0
     assert "onnxruntime fp32" in r.stdout and "pass" in r.stdout
+    assert report["guard"]["max_abs_diff"] <= ex.TOL_GUARD and report["guard"]["texts"] == 3
+    assert json.loads((out / "guard.json").read_text()) == {"threshold": 0.4}
     assert not list(out.parent.glob(".08_export*"))   # no temporary folder left behind
+
+
+def test_guard_graph_is_checked_against_the_guard(tmp_path):
+    guard = guard_pt(torch.randn(sg.NGRAM_BUCKETS), torch.tensor([0.3]))
+    assert ex.export_guard(guard, tmp_path / "guard.onnx", 1) <= ex.TOL_GUARD
+    p = session(tmp_path / "guard.onnx").run(None, {"ngram_ids": np.zeros(0, np.int64)})[0]
+    assert p == pytest.approx(torch.sigmoid(torch.tensor(0.3)).item())   # no n-gram: the bias alone
+    # a real check: the probabilities of another guard are far from this one's
+    assert ex.export_guard({**guard, "check_p": guard["check_p"] + 0.01}, tmp_path / "g.onnx", 1) > ex.TOL_GUARD
+    with pytest.raises(common.UserError, match="n-gram buckets"):
+        ex.export_guard({**guard, "weights": torch.zeros(10)}, tmp_path / "g.onnx", 1)
 
 
 def test_graph_interfaces(exported):
