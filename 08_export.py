@@ -36,7 +36,6 @@ Deliberately left out: an attention_mask input (rows are never padded here), the
 config file, fused attention kernels (GroupQueryAttention), static int8 quantisation and
 graphs over 2 GB (they would need ONNX external data).
 """
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -439,7 +438,7 @@ def measure_latency(model, sessions, config, prompt_len, decode_tokens, repeats,
 
 def write_report(folder, report):
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    L = [f"# Export report\n", f"Checkpoint: `{report['checkpoint']}`  ",
+    L = ["# Export report\n", f"Checkpoint: `{report['checkpoint']}`  ",
          f"Exporter: {report['exporter']}  ", f"Runtime: onnxruntime {report['onnxruntime']} "
          f"({', '.join(report['providers'])})\n", "## Files\n", "| file | bytes | vs fp32 |", "|---|---:|---:|"]
     for name, f in report["files"].items():
