@@ -273,6 +273,7 @@ def parse_request(body, enc):
 class Handler(BaseHTTPRequestHandler):
     """One instance per connection, each in its own thread; HTTP/1.0, so one request each."""
     timeout = TIMEOUT
+    default_request_version = "HTTP/1.0"   # what a request line we cannot read is answered in (0.9 has no headers)
 
     def send(self, status, body, ctype="application/json"):
         body = json.dumps(body).encode() if ctype == "application/json" else body
@@ -285,6 +286,16 @@ class Handler(BaseHTTPRequestHandler):
     def fail(self, status, message, param=None):
         kind = "invalid_request_error" if status < 500 else "server_error"
         self.send(status, {"error": {"message": message, "type": kind, "param": param, "code": None}})
+
+    def send_error(self, code, message=None, explain=None):
+        """The errors the base class answers itself (a malformed request line, headers too long,
+        a method with no do_ method, HTTP/2), as JSON too, and 4xx: they are the client's."""
+        if code == 501:
+            code, message = 405, f"no {self.command} here: GET /, /health; POST /v1/completions"
+        elif code == 505:
+            code, message = 400, "HTTP/1.0 or HTTP/1.1 only"
+        self.close_connection = True
+        self.fail(code, message or "bad request")
 
     def do_GET(self):
         path = urlsplit(self.path).path

@@ -220,6 +220,11 @@ BAD = {   # what is wrong: (the request, its status, the field named)
     "no Content-Type": (raw(OK, ctype=None), 415, None),
     "wrong path": (raw(OK).replace(b"/v1/completions", b"/v1/chat"), 404, None),
     "GET on completions": (b"GET /v1/completions HTTP/1.1\r\n\r\n", 405, None),
+    "PUT": (raw(OK).replace(b"POST", b"PUT"), 405, None),
+    "DELETE on health": (b"DELETE /health HTTP/1.1\r\n\r\n", 405, None),
+    "garbage request line": (b"GARBAGE\r\n\r\n", 400, None),
+    "HTTP/2 request line": (b"POST /v1/completions HTTP/2.0\r\n\r\n", 400, None),
+    "header line too long": (b"GET /health HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431, None),
 }
 
 
