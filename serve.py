@@ -70,7 +70,7 @@ def safeguard(model, text, prompt=True):
     flagged (the request then gets the refusal)."""
     guard = model["guard"]
     views = safeguards.guard_views([text], 1) if prompt else [safeguards.normalize(text)]   # a prompt is one turn
-    why = safeguards.unsupported(views[0]) if prompt else None
+    why = safeguards.refused_by_policy([text]) if prompt else None   # as 07 applies it
     score = max(float(guard["sess"].run(None, {"ngram_ids": np.array(safeguards.ngram_buckets(v), np.int64)})[0][0])
                 for v in views)
     return {"flagged": why is not None or score >= guard["threshold"], "reading": views[0],
@@ -93,7 +93,7 @@ def session(path, threads):
         raise UserError(f"{path}: not a readable ONNX graph ({type(e).__name__})") from None
 
 
-def read_json(path, keys, kind):
+def read_config(path, keys, kind):
     """The `keys` of the JSON file at `path`, each converted by `kind`."""
     if not path.is_file():
         raise UserError(f"{path}: not found; run " + ("07_safety.py, then " if "guard" in path.name else "")
@@ -113,8 +113,8 @@ def load_model(data, graph="int8", threads=0):
     except ValueError as e:
         raise UserError(f"{e}; run 02_tokenize.py first") from None
     out = Path(data) / "08_export"
-    cfg = read_json(out / "config.json", ("block_size", "n_layer", "n_head", "n_embd", "vocab_used"), int)
-    guard = {**read_json(out / "guard.json", ("threshold",), float),
+    cfg = read_config(out / "config.json", ("block_size", "n_layer", "n_head", "n_embd", "vocab_used"), int)
+    guard = {**read_config(out / "guard.json", ("threshold",), float),
              "sess": session(out / "guard.onnx", 1)}   # one thread: a sum of a few dozen weights
     eot = enc.encode_single_token(tok_lib.EOT) if tok_lib.EOT in enc.special_tokens_set else None
     return {"sess": session(out / GRAPHS[graph], threads), "enc": enc, "cfg": cfg, "eot": eot,
@@ -212,7 +212,8 @@ def complete(model, req):
             sent = ready
     if cut < 0:   # a character left incomplete at the end becomes U+FFFD, as in tiktoken
         text += utf8.decode(b"", final=True)
-    seen["completion"] = safeguard(model, newest(text), prompt=False)
+    if len(text) > sent or seen["completion"] is None:   # what the last piece sent was judged already
+        seen["completion"] = safeguard(model, newest(text), prompt=False)
     yield last(REFUSAL, "content_filter") if seen["completion"]["flagged"] else last(text[sent:], reason)
 
 
