@@ -166,12 +166,15 @@ def get_batch(tokens, starts, T, device):
 
 def setup_distributed(device_flag):
     """One process by default; under torchrun, join the process group. Returns (rank, world, device)."""
-    if device_flag == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
+    device = torch.device(common.pick_device(device_flag))   # auto: CUDA, else MPS, else CPU
     if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_flag)
+        return 0, 1, device
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device_flag == "cuda":
+    if device.type == "mps":
+        # NCCL is CUDA's, and gloo sums CPU tensors only: there is no DDP backend for MPS
+        raise UserError("--device mps: DDP under torchrun is not supported on Apple MPS; "
+                        "run one process (python 04_train.py), or use --device cpu")
+    if device.type == "cuda":
         # one GPU per process; NCCL moves gradients GPU to GPU (NVLink/InfiniBand)
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
@@ -203,6 +206,12 @@ def end_distributed():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def sum_device(device):
+    """Where float64 sums over ranks live: the GPU under NCCL; else the CPU, where gloo sums
+    (and MPS has no float64 at all)."""
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 def all_sum(t):
@@ -275,7 +284,7 @@ def measure_matmul_flops(device, dtype, seconds=0.5):
     the best of a few timings. Measured, not looked up, because a CPU's rate depends on its
     vector units (AVX2, AVX-512, AMX) and on what else is running on it.
     """
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = lambda: common.synchronize(device)   # a GPU computes asynchronously
     n, limit = 256, 8192 if device.type == "cuda" else 4096
     while True:
         a = torch.randn(n, n, device=device, dtype=dtype)
@@ -310,13 +319,15 @@ def evaluate(model, tokens, T, batch, device, autocast, rank, world, max_windows
     n = (len(tokens) - 1) // T
     idx = np.arange(n) if not max_windows or max_windows >= n else np.linspace(0, n - 1, max_windows).astype(int)
     mine = idx[rank::world]
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    home = sum_device(device)
+    total = torch.zeros(2, dtype=torch.float64, device=home)   # (sum of losses, tokens)
     model.eval()
     for i in range(0, len(mine), batch):
         x, y = get_batch(tokens, mine[i:i + batch] * T, T, device)
         with autocast:
             _, loss, _ = model(x, y)
-        total += torch.stack([loss.double() * x.numel(), torch.tensor(float(x.numel()), device=device, dtype=torch.float64)])
+        total[0] += loss.to(home).double() * x.numel()
+        total[1] += x.numel()
     model.train()
     total = all_sum(total)
     return float(total[0] / total[1])
@@ -364,10 +375,9 @@ def parse_args(argv=None):
     a = p.add_argument
     hidden = argparse.SUPPRESS   # flags for tests, benches and the pipeline, not for lessons
     a("--data", default="data", help="data folder: reads 02_tokenize/ and 03_model/, writes 04_train/")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
-      help="cuda when available")
+    a("--device", type=common.device_flag, default="auto", help=common.DEVICE_HELP)
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-      help="autocast dtype; auto = bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU")
+      help="autocast dtype; auto = bf16 on a CUDA GPU that has it, else fp16 there; fp32 on CPU and MPS")
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     a("--threads", type=common.natural_int, default=0, help="torch threads per process (0: PyTorch's default)")
     # how long
@@ -457,6 +467,10 @@ def set_up(args, rank, world, device):
         # without them bf16 matmuls are far slower (bench/bench_train.py measures it).
         dtype = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
     ptdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    # MPS takes the CPU's recipe (fp32, eager) on the GPU's memory: the path a Mac can check
+    if device.type == "mps" and (dtype != "fp32" or args.compile):
+        raise UserError(f"--device mps trains in fp32 and without --compile (got --dtype {dtype}"
+                        f"{' --compile' if args.compile else ''})")
     autocast = torch.autocast(device.type, dtype=ptdtype) if dtype != "fp32" else contextlib.nullcontext()
     # fp16's narrow exponent underflows small gradients: scale the loss up, unscale before step
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
@@ -565,7 +579,7 @@ def matmul_peak(s):
     if dist.is_initialized():
         dist.barrier()  # ranks sharing a machine measure at the same time, like they train
     peak = s.args.peak_flops or measure_matmul_flops(s.device, s.ptdtype)
-    return float(all_sum(torch.tensor(peak, dtype=torch.float64, device=s.device)))
+    return float(all_sum(torch.tensor(peak, dtype=torch.float64, device=sum_device(s.device))))
 
 
 class MetricsLog:
@@ -748,8 +762,7 @@ def train(args, rank, world, device):
         step += 1
 
         # --- monitoring
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        common.synchronize(device)   # the step's kernels have finished, not just been queued
         step_times.append(time.perf_counter() - t0)
         # tokens/s over the last 10 steps; MFU = achieved FLOP/s over the measured matmul FLOP/s
         tok_s = len(step_times[-10:]) * s.B * s.T / sum(step_times[-10:])

@@ -98,7 +98,7 @@ def load_checkpoint(path, V, device):
     if not Path(path).is_file():
         raise UserError(f"{path}: no such checkpoint (run 04_train.py first, or pass --ckpt)")
     try:
-        # fp16 checkpoints (08_export) run in fp16 on a GPU; a CPU computes them in fp32
+        # fp16 checkpoints (08_export) run in fp16 on a CUDA GPU; the CPU and MPS compute in fp32
         model, ckpt = model_lib.load_model(path, device, dtype=None if device.type == "cuda" else torch.float32)
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -334,12 +334,10 @@ def speed(model, enc, n_new, device):
     res = {}
     for cache in (True, False):
         model.generate(ids, 4, temperature=0, use_cache=cache)  # warm-up: allocations, kernels
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        common.synchronize(device)
         t0 = time.perf_counter()
         out = model.generate(ids, n_new, temperature=0, use_cache=cache)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        common.synchronize(device)   # the tokens are computed, not just queued
         res[cache] = (n_new / (time.perf_counter() - t0), out)
     return {"tok_per_s_cache": res[True][0], "tok_per_s_no_cache": res[False][0],
             "speedup": res[True][0] / res[False][0], "same_tokens": bool(torch.equal(res[True][1], res[False][1]))}
@@ -495,7 +493,7 @@ def parse_args(argv):
     a("--data", default="data", metavar="DIR", help="reads DIR/02_tokenize/ (and 04_train/), writes DIR/05_eval/")
     a("--ckpt", default=None, metavar="PATH", help="checkpoint to evaluate (default DIR/04_train/ckpt.pt)")
     a("--compare", nargs="+", default=[], metavar="CKPT", help="more checkpoints, one column each in the tables")
-    a("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    a("--device", type=common.device_flag, default="auto", help=common.DEVICE_HELP)
     a("--threads", type=common.natural_int, default=0, metavar="N", help="torch CPU threads (default 0: PyTorch's choice)")
     a("--batch-size", type=common.positive_int, default=8, metavar="N", help="windows per forward pass (default 8)")
     a("--stride", type=common.positive_int, default=None, metavar="N",
@@ -566,7 +564,7 @@ def build_report(args):
 
     results = []
     for name, path, model, dt in zip(names, paths, models, dtypes):
-        print(f"evaluating {name} ({path})", flush=True)
+        print(f"evaluating {name} ({path}) on {device}", flush=True)
         t0 = time.time()
         r = evaluate(model, d, args, device)
         results.append({"name": name, "path": str(path), "weights_dtype": dt, **r, "seconds": time.time() - t0})

@@ -616,16 +616,6 @@ def method_list(text):
     return methods
 
 
-def device_name(text):
-    """argparse type of --device: auto (CUDA when present), or a device name torch knows."""
-    if text != "auto":
-        try:
-            torch.device(text)
-        except RuntimeError:
-            raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}") from None
-    return text
-
-
 def parse_args(argv=None):
     ap = common.ArgumentParser(description="Fine-tune the pretrained GPT as a topic classifier: "
                                "frozen head vs LoRA vs full fine-tuning vs prompt tuning.")
@@ -649,10 +639,10 @@ def parse_args(argv=None):
     a("--max-train", type=common.positive_int, default=None, help="use at most N training articles (random, seeded)")
     a("--max-test", type=common.positive_int, default=None, help="test on at most N articles")
     a("--seed", type=common.natural_int, default=0)
-    a("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    a("--device", type=common.device_flag, default="auto", help=common.DEVICE_HELP)
     a("--threads", type=common.natural_int, default=0, help="torch threads (0: PyTorch's default)")
     args = ap.parse_args(argv)
-    args.device = common.pick_device(args.device)   # auto -> cuda or cpu; says when CUDA is absent
+    args.device = common.pick_device(args.device)   # auto -> cuda, mps or cpu; says when one is absent
     return args
 
 

@@ -258,7 +258,7 @@ def build_guard(lora, model, tok, rows, args):
     (unless the user set args.threshold). Returns (guards, training infos, validation figures)."""
     fit_rows, val_rows = split_validation(rows)
     print("training the n-gram guard" + (f" and {args.guards} LoRA guard(s) of {args.guard_steps} steps" if args.guards else "")
-          + f" on {len(fit_rows)} rows ({len(val_rows)} held out)", flush=True)
+          + f" on {len(fit_rows)} rows ({len(val_rows)} held out); the model on {args.device}", flush=True)
     guards, infos = train_guard(lora, model, tok, fit_rows, args)
     why, p_val = score_input(val_rows, lora, guards, tok, args)
     judged = [(p, r) for p, w, r in zip(p_val, why, val_rows) if w is None]
@@ -636,7 +636,7 @@ def parse_args(argv=None):
     a("--guard-steps", type=common.positive_int, default=800, help="LoRA fine-tuning steps for each guard")
     a("--turns", type=common.int_at_least(5), default=30, help="turns of the long dialogue (>= 25 tests past the window)")
     a("--seed", type=common.natural_int, default=0)
-    a("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    a("--device", type=common.device_flag, default="auto", help=common.DEVICE_HELP)
     a("--threads", type=common.natural_int, default=0, help="torch threads and normaliser processes (0: the defaults)")
     # Settings of the guard and the replies that nobody tunes from the command line; the
     # tests shorten them, so they stay flags, hidden from --help.

@@ -387,8 +387,7 @@ def measure_latency(model, sessions, config, prompt_len, decode_tokens, repeats,
     @torch.no_grad()
     def torch_prefill():
         out = m(ids.to(device))
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        common.synchronize(device)   # a GPU computes asynchronously: time the work, not the queueing
         return out
 
     @torch.no_grad()
@@ -397,8 +396,7 @@ def measure_latency(model, sessions, config, prompt_len, decode_tokens, repeats,
         t0 = time.perf_counter()
         for t in range(decode_tokens):
             _, _, kv = m(steps[:, t:t + 1].to(device), past_kv=kv)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        common.synchronize(device)
         return time.perf_counter() - t0
 
     def ort_prefill(sess):
@@ -618,9 +616,9 @@ def parse_args(argv=None):
     a = ap.add_argument
     a("--data", default="data", help="data folder: reads 04_train/ (and 02_tokenize/), writes 08_export/")
     a("--ckpt", default=None, help="checkpoint to export (default DATA/04_train/ckpt.pt)")
-    a("--device", default=None, choices=["cpu", "cuda"],
-      help="device of the PyTorch side of the latency table (default cuda when available; ONNX Runtime "
-           "uses its CUDA provider if installed, else the CPU)")
+    a("--device", type=common.device_flag, default="auto",
+      help="device of the PyTorch side of the latency table: " + common.DEVICE_HELP + ". The export "
+           "itself traces on the CPU; ONNX Runtime uses its CUDA provider with --device cuda if installed, else the CPU")
     a("--threads", type=common.natural_int, default=0, help="threads for PyTorch and ONNX Runtime alike (0: their defaults)")
     a("--prompt-len", type=common.positive_int, default=None, help="prefill length for latency (default block_size / 2)")
     a("--decode-tokens", type=common.positive_int, default=None,

@@ -10,7 +10,8 @@ uses them alike:
     the folder first thing checks, before any work, that the output can be written.
   * save_checkpoint() and load_checkpoint(): an atomic torch.save, and torch.load with
     weights_only=True whose failures are the user's (a wrong or damaged file).
-  * wilson(): the 95% interval of a rate; pick_device().
+  * wilson(): the 95% interval of a rate.
+  * device_flag, pick_device() and synchronize(): every stage's --device, and timing on it.
 It imports no stage, so any stage may import it, and imports torch only inside the functions
 that need it, so that serve.py (which must run without PyTorch) can import it too.
 """
@@ -80,14 +81,40 @@ natural_float = number(float, lambda v: v >= 0 and math.isfinite(v), "a number >
 fraction = number(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
 
 
-def pick_device(name=None):
-    """The device a stage runs on: CUDA when present unless told otherwise."""
+def device_flag(text):
+    """The argparse type of every stage's --device: auto, cpu, cuda, cuda:N or mps. Only the
+    spelling is checked here; whether that device is present is pick_device()'s question."""
+    if text in ("auto", "cpu", "cuda", "mps") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+
+
+# the same --device help in every stage (argparse fills in %(default)s)
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (default %(default)s: CUDA, else Apple MPS, else the CPU)"
+
+
+def pick_device(name="auto"):
+    """The device a stage runs on, as torch.device spells it. auto: CUDA, else MPS (the GPU of
+    an Apple-silicon Mac), else the CPU. A device named but absent is the user's mistake."""
     import torch
     if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():   # cuda, or cuda:N
         raise UserError(f"--device {name}: no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: no Apple MPS device is available")
     return name
+
+
+def synchronize(device):
+    """Wait until `device` has finished the work queued on it. CUDA and MPS run asynchronously:
+    a clock read without this times the queueing, not the work. Nothing to wait for on a CPU."""
+    import torch
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
 
 
 def replace_dir(tmp, out):

@@ -209,7 +209,8 @@ def report_card(data, seconds):
                       [[name, f"{r['bytes']:,}", f"{r['ratio']:.2f}"] for name, r in x["files"].items()])
         add(f"\nParity checks: {'all passed' if x['passed'] else 'FAILED'}.\n")
     import torch  # only here: the runner itself needs nothing but the standard library
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        "Apple MPS" if torch.backends.mps.is_available() else "none"
     add("## Ran on")
     add(f"Python {platform.python_version()}, torch {torch.__version__}, {platform.platform()}, "
         f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), GPU: {gpu}." +

@@ -3,6 +3,7 @@
 Every run uses a stand-in 02_tokenize/ (the UTF-8 bytes of a few hundred Wikipedia extracts as
 tokens 0..255, <|endoftext|> = 256) and a one-layer model, so each run takes seconds.
 """
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -171,6 +172,25 @@ def test_difficulty_puts_short_common_documents_first(tmp_path):
     docs.write_text("".join(json.dumps({"start": s, "length": n}) + "\n" for s, n in ((0, 30), (31, 2), (34, 5))))
     _, score = train.document_difficulty(toks, docs, 10)
     assert score[1] < score[2] < score[0]
+
+
+def test_mps_takes_the_cpu_recipe_and_no_ddp(data, monkeypatch):
+    """On an Apple GPU, --device auto picks MPS; training is fp32 without autocast, and torchrun
+    is refused (no backend sums MPS tensors). Checked without one: only the device's type counts."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    mps = torch.device("mps")
+    assert train.setup_distributed("auto") == (0, 1, mps)
+    flags = ["--data", str(data), *FAST, "--max-steps", "2"]
+    s, _ = train.set_up(train.parse_args(flags), 0, 1, mps)
+    assert s.dtype == "fp32" and not s.scaler.is_enabled() and isinstance(s.autocast, contextlib.nullcontext)
+    for extra in (["--dtype", "bf16"], ["--compile"]):
+        with pytest.raises(train.UserError, match="--device mps trains in fp32 and without --compile"):
+            train.set_up(train.parse_args(flags + extra), 0, 1, mps)
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(k, v)
+    with pytest.raises(train.UserError, match="DDP under torchrun is not supported on Apple MPS"):
+        train.setup_distributed("auto")
 
 
 # ----------------------------------------------------------------------------- whole runs

@@ -1,11 +1,13 @@
 """Tests for common.py: the interval against published values, the one error path, the
-output-folder swap and the argparse types."""
+output-folder swap, the argparse types, and --device (the same flag in every stage)."""
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import common
+from conftest import load
 
 
 def test_wilson_matches_published_values():
@@ -63,3 +65,45 @@ def test_output_dir_swaps_in_when_done_and_keeps_the_old_one_on_error(tmp_path):
     with pytest.raises(common.UserError, match="file"):
         with common.output_dir(tmp_path / "file" / "05_eval"):
             pass
+
+
+# ----------------------------------------------------------------------------- --device
+
+def gpus(monkeypatch, cuda, mps):
+    """Pretend this machine has (or lacks) CUDA and Apple's MPS."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),
+                    reason="needs a machine without a GPU")
+def test_auto_is_the_cpu_on_a_machine_without_a_gpu():
+    assert common.pick_device("auto") == common.pick_device() == "cpu"
+
+
+def test_pick_device_prefers_cuda_then_mps_then_the_cpu(monkeypatch):
+    for cuda, mps, want in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
+        gpus(monkeypatch, cuda, mps)
+        assert common.pick_device("auto") == want
+    assert common.pick_device("cpu") == "cpu"   # asked for by name: never replaced
+
+
+@pytest.mark.parametrize("name, line", [("mps", "--device mps: no Apple MPS device is available"),
+                                        ("cuda", "--device cuda: no CUDA device is available"),
+                                        ("cuda:1", "--device cuda:1: no CUDA device is available")])
+def test_an_absent_device_is_a_one_line_user_error(monkeypatch, name, line):
+    gpus(monkeypatch, False, False)
+    with pytest.raises(common.UserError) as e:
+        common.pick_device(name)
+    assert str(e.value) == line
+
+
+@pytest.mark.parametrize("stage", ["04_train", "05_eval", "06_finetune_lora", "07_safety", "08_export"])
+def test_every_stage_takes_the_same_device_flag(stage, capsys):
+    parse = load(stage).parse_args
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--device DEVICE" in help_text and "auto, cpu, cuda, cuda:N or mps (default auto:" in help_text
+    with pytest.raises(common.UserError, match="--device.*expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"):
+        parse(["--device", "tpu"])
