@@ -13,6 +13,9 @@ The pipeline, in the order the code runs it:
   read -> decode (UTF-8, bad bytes replaced) -> HTML to text -> normalise (NFC, punctuation,
   whitespace) -> split long documents -> quality filters (Gopher-style rules) -> exact dedup ->
   near dedup (MinHash + LSH) -> cap each topic's share -> train/val split by hash.
+It streams: --workers processes (every core by default) clean and sign batches of documents,
+and the corpus itself only ever sits on disk, so memory stays bounded whatever its size, and
+the output is the same for any number of workers (section 7).
 Garbage in, garbage out: a small model spends its few parameters on whatever the data repeats,
 so every step here is about what the model should *not* learn from.
 
@@ -21,6 +24,8 @@ safety), and model-based quality scoring; they need models or data this repo doe
 """
 import argparse
 import codecs
+import contextlib
+import functools
 import glob
 import gzip
 import hashlib
@@ -28,6 +33,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import unicodedata
@@ -115,32 +121,39 @@ def expand_inputs(patterns):
     return list(dict.fromkeys(files))  # a file named twice is read once
 
 
-def read_text(path, stats):
-    """Bytes -> str. Invalid UTF-8 is replaced (U+FFFD) and counted, never a crash: real scraped
-    data always has some. A NUL byte means the file is binary, not text with a few bad bytes."""
-    try:
-        raw = open(path, "rb").read()
-        if path.lower().endswith(".gz"):
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{path}: cannot read ({e})")
-    if not raw.strip():
-        raise UserError(f"{path}: file is empty")
-    if b"\x00" in raw[:65536]:
-        raise UserError(f"{path}: looks like a binary file (contains NUL bytes), not text")
-    bad = []
+def open_input(path):
+    """A binary stream of a file, gunzipped on the fly if .gz: nothing is read whole."""
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def read_lines(path, stats):
+    """Yield the lines of a file as text, decoded one at a time, so a file of any size streams.
+    Invalid UTF-8 is replaced (U+FFFD) and counted, never a crash: real scraped data always has
+    some. A NUL byte in the first 64 KB means the file is binary, not text with a few bad bytes,
+    and so does a file in which bad bytes are more than 30% of all."""
+    bad, size, blank = [], 0, True
 
     def count_and_replace(err):  # a codecs error handler: remember the bad byte span
         bad.append(err.end - err.start)
         return "\ufffd", err.end
     codecs.register_error("01_clean_count", count_and_replace)
-    text = raw.decode("utf-8", errors="01_clean_count")
+    try:
+        with open_input(path) as f:
+            for raw in f:  # split at b"\n" only, which no multi-byte UTF-8 character contains
+                if size < 65536 and b"\x00" in raw[:65536 - size]:
+                    raise UserError(f"{path}: looks like a binary file (contains NUL bytes), not text")
+                size += len(raw)
+                blank = blank and not raw.strip()
+                yield raw.decode("utf-8", errors="01_clean_count")
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: cannot read ({e})")
+    if blank:
+        raise UserError(f"{path}: file is empty")
     if bad:
         stats["decode"]["invalid_bytes"] += sum(bad)
         note(stats["decode"], "files_with_invalid_bytes", f"{path}: {sum(bad)} bytes")
-        if sum(bad) > 0.3 * len(raw):
+        if sum(bad) > 0.3 * size:
             raise UserError(f"{path}: looks like a binary file ({sum(bad)} invalid UTF-8 bytes)")
-    return text
 
 
 class HTMLToText(HTMLParser):
@@ -179,29 +192,38 @@ def html_to_text(text):
 
 
 def load_file(path, stats):
-    """One file -> documents. JSON Lines records may carry "topic" and "title" too."""
-    text = read_text(path, stats)
+    """Yield one file's documents. A .jsonl file streams, one record per line, which may carry
+    "topic" and "title" too; any other file is one document, read whole."""
     kind = path.lower().removesuffix(".gz")
-    if kind.endswith(".jsonl"):
-        docs = []
-        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is text
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON Lines ({e.msg})")
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise UserError(f"{path}:{n}: JSON Lines record has no string \"text\" field")
-            topic, title = rec.get("topic"), rec.get("title")
-            docs.append({"text": rec["text"], "source": path,
-                         "topic": topic if isinstance(topic, str) else None,
-                         "title": title if isinstance(title, str) else None})
-        return docs
-    if kind.endswith((".html", ".htm")):
-        stats["html"]["files"] += 1
-        text = html_to_text(text)
-    return [{"text": text, "source": path, "topic": None, "title": os.path.basename(path)}]
+    if not kind.endswith(".jsonl"):
+        text = "".join(read_lines(path, stats))
+        if kind.endswith((".html", ".htm")):
+            stats["html"]["files"] += 1
+            text = html_to_text(text)
+        yield {"text": text, "source": path, "topic": None, "title": os.path.basename(path)}
+        return
+    for n, line in enumerate(read_lines(path, stats), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON Lines ({e.msg})")
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise UserError(f"{path}:{n}: JSON Lines record has no string \"text\" field")
+        topic, title = rec.get("topic"), rec.get("title")
+        yield {"text": rec["text"], "source": path,
+               "topic": topic if isinstance(topic, str) else None,
+               "title": title if isinstance(title, str) else None}
+
+
+def read_corpus(a, stats):
+    """Every document of the built-in corpus and of the user's files, one at a time."""
+    if not a.no_builtin:
+        yield from load_wikipedia() + load_pydoc()
+    files = expand_inputs(a.input)
+    for path in tqdm(files, desc="read", unit="file", disable=len(files) < 20 or None):
+        yield from load_file(path, stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,8 +338,10 @@ def quality_problem(text, a):
 #    that lands in both train and val makes the validation loss lie.
 
 def exact_key(text):
-    """Hash of a case- and whitespace-folded copy: catches copies that differ only in layout."""
-    return hashlib.sha1(" ".join(text.lower().split()).encode()).digest()
+    """Hash of a case- and whitespace-folded copy: catches copies that differ only in layout.
+    64 bits: two different texts collide with probability ~n^2/2^65 (1e-7 for a million)."""
+    folded = " ".join(text.lower().split()).encode()
+    return int.from_bytes(hashlib.sha1(folded).digest()[:8], "big")
 
 
 MERSENNE = np.uint64((1 << 61) - 1)
@@ -332,11 +356,10 @@ def minhash_params(num_perm, seed=0):
     return a, b
 
 
-def shingles(text, k, word_ids):
+def shingles(text, k):
     """The set of k-word shingles of a text, each hashed to 32 bits. Words get a stable crc32
-    (Python's hash() is salted per process, which would make runs differ)."""
-    ids = [word_ids.get(w) or word_ids.setdefault(w, zlib.crc32(w.encode()) | 1)
-           for w in WORD.findall(text.lower())]
+    (Python's hash() is salted per process, which would make runs and workers differ)."""
+    ids = [zlib.crc32(w.encode()) | 1 for w in WORD.findall(text.lower())]
     w = np.array(ids or [0], dtype=np.uint64)
     if len(w) < k:
         k = len(w)
@@ -367,36 +390,63 @@ def lsh_shape(num_perm, threshold):
     return max(below, key=lambda s: (1 / s[0]) ** (1 / s[1])) if below else shapes[0]
 
 
-def near_dedup(docs, opts, stats):
-    """Keep the first of every group of near duplicates. Each document is compared only with
-    the kept documents that share an LSH bucket with it, so the work grows with the corpus
-    size, not with its square as comparing all pairs would."""
-    a, b = minhash_params(opts.num_perm, opts.seed)
-    bands, rows = lsh_shape(opts.num_perm, opts.threshold)
-    buckets = defaultdict(list)  # (band, band values) -> indices of kept documents
-    kept, sigs, word_ids, candidates = [], [], {}, 0
-    for doc in tqdm(docs, desc="minhash", unit="doc", disable=None):
-        sig = minhash(shingles(doc["text"], opts.shingle, word_ids), a, b)
-        keys = [(i, sig[i * rows:(i + 1) * rows].tobytes()) for i in range(bands)]
-        others = {j for key in keys for j in buckets.get(key, ())}
+def band_keys(sigs, bands, rows):
+    """One 64-bit key per band of each signature (sigs: documents x num_perm): the band's
+    values mixed by a polynomial hash. Equal bands give equal keys; a rare collision of unequal
+    ones only adds a candidate, which the signature check rejects."""
+    v = sigs.reshape(len(sigs), bands, rows).astype(np.uint64)
+    h = np.zeros((len(sigs), bands), dtype=np.uint64)
+    for r in range(rows):
+        h = h * np.uint64(0x100000001B3) + v[:, :, r]
+    return h
+
+
+def near_dedup(n, bands, band_column, signature, threshold, stats, alive=None):
+    """Keep the first of every group of near duplicates among n documents: a document goes when
+    one kept before it shares a band key with it (an LSH candidate) and their signatures agree
+    in at least `threshold` of their positions (the estimated Jaccard similarity; LSH only said
+    "maybe"). band_column(b) gives every document's key in band b, one band at a time;
+    signature(i) gives document i's; documents with alive[i] False are left out. Returns the
+    mask of documents kept.
+
+    Comparing all pairs would cost n^2. Sorting each band's keys instead finds, in n log n, the
+    groups of documents that share a key. A document alone in every band has no candidate at
+    all (in a real corpus, most), so only grouped documents are visited, in order, each against
+    the kept documents of its groups. Memory goes to the grouped ones only."""
+    alive = np.ones(n, bool) if alive is None else alive
+    ids, members, groups = np.flatnonzero(alive), [], []
+    for b in range(bands):
+        keys = band_column(b)[ids]
+        order = np.argsort(keys, kind="stable")   # equal keys side by side, in document order
+        s = keys[order]
+        starts = np.r_[True, s[1:] != s[:-1]]     # where each run of equal keys begins
+        grouped = ~(starts & np.r_[starts[1:], True])   # not a run of one
+        run = np.maximum.accumulate(np.where(starts, np.arange(len(s)), 0))
+        members.append(ids[order][grouped])
+        groups.append(b * n + run[grouped])       # one number per (band, run of equal keys)
+    members, groups = np.concatenate(members), np.concatenate(groups)
+    order = np.argsort(members, kind="stable")
+    members, groups = members[order], groups[order]
+    cuts = np.flatnonzero(members[1:] != members[:-1]) + 1
+    keep, buckets, candidates = alive.copy(), defaultdict(list), 0
+    for i, mine in zip(members[np.r_[0, cuts]].tolist() if len(members) else [],
+                       np.split(groups, cuts)):
+        mine = mine.tolist()
+        others = {j for g in mine for j in buckets.get(g, ())}
         candidates += len(others)
-        # Verify the candidates: the share of equal signature entries estimates the Jaccard
-        # similarity; LSH only said "maybe".
-        sims = {j: float(np.mean(sigs[j] == sig)) for j in others}
+        sig = signature(i)
+        sims = {j: float(np.mean(signature(j) == sig)) for j in others}
         best = max(sims, key=lambda j: (sims[j], -j), default=None)
-        sim = sims.get(best, 0.0)
-        if sim >= opts.threshold:
+        if best is not None and sims[best] >= threshold:
+            keep[i] = False
             if len(stats["examples"]) < N_EXAMPLES:
-                stats["examples"].append({"removed": example(doc["text"]),
-                                          "kept": example(kept[best]["text"]),
-                                          "estimated_jaccard": round(sim, 3)})
+                stats["examples"].append({"removed": i, "kept": best,
+                                          "estimated_jaccard": round(sims[best], 3)})
             continue
-        for key in keys:
-            buckets[key].append(len(kept))
-        kept.append(doc)
-        sigs.append(sig)
-    stats.update(bands=bands, rows=rows, candidate_pairs=candidates)
-    return kept
+        for g in mine:
+            buckets[g].append(i)
+    stats["candidate_pairs"] = candidates
+    return keep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,50 +458,92 @@ def stable_fraction(text):
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") / 2 ** 64
 
 
-def cap_topics(docs, max_share):
-    """Cap every labelled topic at `max_share` of the final corpus. The cap C is the largest
-    count with C <= max_share * sum(min(n_t, C)), i.e. it holds after the cut. Which documents
-    go is decided by hash, so the choice is deterministic and unrelated to content or order.
+def cap_topics(topics, order, max_share):
+    """Cap every labelled topic at `max_share` of the final corpus. topics: one topic id per
+    document (-1: none); order: each document's stable_fraction. The cap C is the largest count
+    with C <= max_share * sum(min(n_t, C)), i.e. it holds after the cut. A topic over the cap
+    keeps its C documents of lowest `order`: deterministic and unrelated to content or order.
     Documents without a topic are never cut, but count in the total. The cap never goes below
     the smallest topic: at that point all topics are equal, and with fewer than 1/max_share
-    topics the share cannot be reached at all (cutting further would only throw data away)."""
-    by_topic = defaultdict(list)
-    for d in docs:
-        by_topic[d["topic"]].append(d)
-    counts = {t: len(v) for t, v in by_topic.items() if t is not None}
-    unlabelled = len(by_topic.get(None, []))
-    cap, floor = max(counts.values(), default=0), min(counts.values(), default=0)
+    topics the share cannot be reached at all (cutting further would only throw data away).
+    Returns (keep mask, cap, {topic id: documents removed})."""
+    ids, counts = np.unique(topics[topics >= 0], return_counts=True)
+    unlabelled = int(np.sum(topics < 0))
+    cap, floor = (int(counts.max()), int(counts.min())) if counts.size else (0, 0)
     def total(c):  # the corpus size if every topic is cut to c documents
-        return unlabelled + sum(min(n, c) for n in counts.values())
+        return unlabelled + int(np.minimum(counts, c).sum())
     while cap > floor and cap > max_share * total(cap):
         cap -= 1  # a few thousand steps at most; each one is a sum over the topics
-    keep_ids, removed = set(), Counter()
-    for t, group in by_topic.items():
-        if t is not None and len(group) > cap:
-            group = sorted(group, key=lambda d: stable_fraction(d["text"]))
-            removed[t] = len(group) - cap
-            group = group[:cap]
-        keep_ids.update(map(id, group))
-    return [d for d in docs if id(d) in keep_ids], cap, dict(removed)
+    keep, removed = np.ones(len(topics), bool), {}
+    for t, count in zip(ids.tolist(), counts.tolist()):
+        if count > cap:
+            members = np.flatnonzero(topics == t)
+            keep[members[np.argsort(order[members], kind="stable")[cap:]]] = False
+            removed[t] = count - cap
+    return keep, cap, removed
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The whole pipeline, as a function the bench can time without disk I/O.
+# 7. The stage, in two passes over the corpus, neither of which holds it in memory.
+#    Pass 1 streams the documents in batches to `--workers` processes, which normalise, split,
+#    filter and sign each piece. The pieces go to a scratch file on disk in corpus order; in
+#    memory stays only a small record per piece (its keys and hashes, ~50 bytes). The decisions
+#    (exact dedup, near dedup, topic cap, split) need only those records. Pass 2 copies the
+#    kept pieces from the scratch file to train.jsonl and val.jsonl. Batches come back in
+#    order, so the output is the same for any number of workers.
+
+# A piece's record: its exact-dedup key, its whole document's split hash (frac), its own hash
+# for the topic cap (order), its topic's id, its size in characters and in UTF-8 bytes, and
+# the length of its line in the scratch file.
+PIECE = np.dtype([("key", "u8"), ("frac", "f8"), ("order", "f8"), ("topic", "i4"),
+                  ("chars", "i8"), ("bytes", "i8"), ("line", "i8")])
+BATCH_CHARS = 2_000_000  # text per batch: enough to amortise the trip to a worker
+
 
 def new_stats():
     """The skeleton of stats.json that the steps fill in."""
-    return {"decode": {"invalid_bytes": 0}, "html": {"files": 0}, "normalize": {},
+    return {"documents_in": 0, "topics_before": {}, "sources": {},
+            "decode": {"invalid_bytes": 0}, "html": {"files": 0}, "normalize": {},
             "split": {"pieces": 0}, "filters": {}, "exact_dedup": {},
             "near_dedup": {"examples": []}}
 
 
-def clean(docs, a, stats):
-    """Raw documents -> (train, val). Fills `stats` as it goes."""
-    stats["documents_in"] = len(docs)
-    stats["topics_before"] = dict(Counter(d["topic"] or "(none)" for d in docs).most_common())
-    stats["chars_before"] = [len(d["text"]) for d in docs]  # for the plot; popped before saving
-    pieces, fstats, times, t0 = [], stats["filters"], {}, time.process_time()
-    for d in tqdm(docs, desc="clean", unit="doc", disable=None):
+def merge_stats(total, part):
+    """Add one batch's stats to the running total: counts add up and example lists fill up to
+    N_EXAMPLES in batch order, so the total is the same however the corpus was batched."""
+    for k, v in part.items():
+        if isinstance(v, dict):
+            merge_stats(total.setdefault(k, {}), v)
+        elif isinstance(v, list):
+            have = total.setdefault(k, [])
+            have += v[:N_EXAMPLES - len(have)]
+        else:
+            total[k] = total.get(k, 0) + v
+
+
+def batches(docs):
+    """Group a stream of documents into lists of about BATCH_CHARS characters."""
+    batch, size = [], 0
+    for d in docs:
+        batch.append(d)
+        size += len(d["text"])
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def clean_batch(a, docs):
+    """Pass 1 for one batch, in a worker: normalise, split, filter and sign. Returns the batch's
+    stats, the surviving pieces as JSON lines (UTF-8), a PIECE record for each, their topics,
+    their MinHash signatures and band keys, and the length of every document that came in."""
+    stats, lines, records, topics, sigs = new_stats(), [], [], [], []
+    params = minhash_params(a.num_perm, a.seed)
+    for d in docs:
+        stats["documents_in"] += 1
+        for key, value in (("topics_before", d["topic"] or "(none)"), ("sources", d["source"])):
+            stats[key][value] = stats[key].get(value, 0) + 1
         text = normalize(d["text"], stats)
         # The split key is the *whole* document's hash, so all pieces of one long page land on
         # the same side of the train/val split and validation never sees its own neighbours.
@@ -463,64 +555,148 @@ def clean(docs, a, stats):
         for i, part in enumerate(parts):
             problem = quality_problem(part, a)
             if problem:
-                note(fstats, problem, part)
+                note(stats["filters"], problem, part)
                 continue
             title = d["title"] if len(parts) == 1 or not d["title"] else f"{d['title']} ({i + 1})"
-            pieces.append({"text": part, "source": d["source"], "topic": d["topic"],
-                           "title": title, "_frac": frac})
-    stats["after_filters"] = len(pieces)
-    times["normalize_split_filter"] = time.process_time() - t0
-    if not pieces:
-        worst = max(fstats, key=lambda k: fstats[k]["count"], default="quality filters")
-        raise UserError(f"filter settings leave no documents (the '{worst}' filter removed "
-                        f"{fstats.get(worst, {}).get('count', 0)}); loosen it or check the input")
+            line = (json.dumps({"text": part, "source": d["source"], "topic": d["topic"],
+                                "title": title}, ensure_ascii=False) + "\n").encode()
+            lines.append(line)
+            records.append((exact_key(part), frac, stable_fraction(part), -1, len(part),
+                            len(part.encode()), len(line)))
+            topics.append(d["topic"])
+            sigs.append(minhash(shingles(part, a.shingle), *params))
+    sigs = np.array(sigs, dtype=np.uint32).reshape(-1, a.num_perm)
+    return (stats, b"".join(lines), np.array(records, dtype=PIECE), topics, sigs,
+            band_keys(sigs, *lsh_shape(a.num_perm, a.threshold)),
+            np.array([len(d["text"]) for d in docs]))
 
-    seen, unique = {}, []
-    for p in pieces:
-        key = exact_key(p["text"])
-        if key in seen:
-            note(stats["exact_dedup"], "removed", p["text"])
-        else:
-            seen[key] = True
-            unique.append(p)
-    stats["after_exact_dedup"] = len(unique)
-    times["exact_dedup"] = time.process_time() - t0 - sum(times.values())
-    unique = near_dedup(unique, a, stats["near_dedup"])
-    stats["after_near_dedup"] = len(unique)
-    times["near_dedup"] = time.process_time() - t0 - sum(times.values())
 
-    final, cap, removed = cap_topics(unique, a.max_topic_share)
+def first_pass(a, stats, scratch):
+    """Stream the corpus through the workers; pieces to scratch/pieces.jsonl, signatures to
+    sigs.bin, band keys to one file per band (read back one band at a time). Returns the PIECE
+    records, the topic names by id, and every input document's length."""
+    bands, _ = lsh_shape(a.num_perm, a.threshold)
+    topic_ids, records, lengths = {}, [], []
+    bar = tqdm(desc="clean", unit="doc", disable=None)
+    with contextlib.ExitStack() as files:
+        text = files.enter_context(open(os.path.join(scratch, "pieces.jsonl"), "wb"))
+        sig = files.enter_context(open(os.path.join(scratch, "sigs.bin"), "wb"))
+        band = [files.enter_context(open(os.path.join(scratch, f"band{b}.bin"), "wb"))
+                for b in range(bands)]
+        work = functools.partial(clean_batch, a)
+        for part, lines, rec, topics, sigs, keys, n_chars in common.parallel_map(
+                work, batches(read_corpus(a, stats)), a.workers):
+            merge_stats(stats, part)
+            rec["topic"] = [-1 if t is None else topic_ids.setdefault(t, len(topic_ids))
+                            for t in topics]
+            records.append(rec)
+            lengths.append(n_chars)
+            text.write(lines)
+            sig.write(sigs.tobytes())
+            for b in range(bands):
+                band[b].write(np.ascontiguousarray(keys[:, b]).tobytes())
+            bar.update(len(n_chars))
+    bar.close()
+    return np.concatenate(records), list(topic_ids), np.concatenate(lengths)
+
+
+def decide(a, pieces, topic_names, stats, scratch):
+    """Exact dedup, near dedup and the topic cap, on the PIECE records alone. Returns the mask
+    of pieces kept. Examples for stats.json are read back from the scratch file."""
+    path = os.path.join(scratch, "pieces.jsonl")
+    offsets = np.cumsum(pieces["line"]) - pieces["line"]
+
+    def text_of(i):
+        with open(path, "rb") as f:
+            f.seek(int(offsets[i]))
+            return json.loads(f.readline())["text"]
+
+    # Exact dedup: the first piece with each key survives.
+    _, first = np.unique(pieces["key"], return_index=True)
+    unique = np.zeros(len(pieces), bool)
+    unique[first] = True
+    if (dups := np.flatnonzero(~unique)).size:
+        stats["exact_dedup"]["removed"] = {
+            "count": len(dups), "examples": [example(text_of(i)) for i in dups[:N_EXAMPLES]]}
+    stats["after_exact_dedup"] = int(unique.sum())
+
+    near = stats["near_dedup"]
+    near["bands"], near["rows"] = lsh_shape(a.num_perm, a.threshold)
+    column = lambda b: np.fromfile(os.path.join(scratch, f"band{b}.bin"), np.uint64)
+    row = 4 * a.num_perm   # bytes per signature
+    with open(os.path.join(scratch, "sigs.bin"), "rb") as f:   # read, not mapped: RSS stays small
+        signature = lambda i: np.frombuffer(os.pread(f.fileno(), row, i * row), np.uint32)
+        keep = near_dedup(len(pieces), near["bands"], column, signature, a.threshold, near,
+                          alive=unique)
+    near["examples"] = [{"removed": example(text_of(e["removed"])), "kept": example(text_of(e["kept"])),
+                         "estimated_jaccard": e["estimated_jaccard"]} for e in near["examples"]]
+    stats["after_near_dedup"] = int(keep.sum())
+
+    kept = np.flatnonzero(keep)
+    cap_keep, cap, removed = cap_topics(pieces["topic"][kept], pieces["order"][kept],
+                                        a.max_topic_share)
+    keep[kept[~cap_keep]] = False
     stats["topic_cap"] = {"max_share": a.max_topic_share, "cap": cap,
-                          "removed": sum(removed.values()), "removed_by_topic": removed}
-    stats["topics_after"] = dict(Counter(d["topic"] or "(none)" for d in final).most_common())
-    largest = max((n for t, n in stats["topics_after"].items() if t != "(none)"), default=0)
-    stats["topic_cap"]["largest_share_after"] = round(largest / len(final), 4)
-    if largest > a.max_topic_share * len(final):
+                          "removed": sum(removed.values()),
+                          "removed_by_topic": {topic_names[t]: n for t, n in removed.items()}}
+    names = topic_names + ["(none)"]  # topic -1 reads as "(none)"
+    after = Counter(names[t] for t in pieces["topic"][keep].tolist())
+    stats["topics_after"] = dict(after.most_common())
+    largest = max((n for t, n in after.items() if t != "(none)"), default=0)
+    stats["topic_cap"]["largest_share_after"] = round(largest / max(1, keep.sum()), 4)
+    if largest > a.max_topic_share * keep.sum():
         print(f"warning: --max-topic-share {a.max_topic_share} is unreachable with "
-              f"{len(stats['topics_after'])} topics; topics were evened out instead",
-              file=sys.stderr)
-    train = [d for d in final if d["_frac"] >= a.val_fraction]
-    val = [d for d in final if d["_frac"] < a.val_fraction]
-    for d in final:
-        del d["_frac"]
-    times["cap_and_split"] = time.process_time() - t0 - sum(times.values())
-    stats["cpu_seconds"] = {k: round(v, 3) for k, v in times.items()}  # where the time goes
-    return train, val
+              f"{len(after)} topics; topics were evened out instead", file=sys.stderr)
+    return keep
+
+
+def second_pass(folder, scratch, keep, train):
+    """Copy the kept pieces, in corpus order, from the scratch file to train/val.jsonl."""
+    with (open(os.path.join(scratch, "pieces.jsonl"), "rb") as src,
+          open(os.path.join(folder, "train.jsonl"), "wb") as tr,
+          open(os.path.join(folder, "val.jsonl"), "wb") as va):
+        for line, k, t in zip(src, keep.tolist(), train.tolist()):
+            if k:
+                (tr if t else va).write(line)
 
 
 # ----------------------------------------------------------------------------------------------
 # 8. Writing: everything goes to a temporary folder that replaces the old one only at the end
 #    (common.output_dir), so a crash or a bad input never leaves a half-written corpus for
-#    stage 02 to read.
+#    stage 02 to read. The scratch files live in that folder too and go before the swap.
 
-def write_outputs(folder, train, val, stats, chars_before):
-    for name, docs in (("train.jsonl", train), ("val.jsonl", val)):
-        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-            for d in docs:
-                f.write(json.dumps(d, ensure_ascii=False) + "\n")
+def build_corpus(a, folder):
+    """The whole stage, into `folder`: train.jsonl, val.jsonl, stats.json and the plots.
+    Returns the stats."""
+    t0, stats, seconds = time.time(), new_stats(), {}
+    scratch = os.path.join(folder, "scratch")
+    os.mkdir(scratch)
+    pieces, topic_names, lengths = first_pass(a, stats, scratch)
+    stats["after_filters"] = len(pieces)
+    if not len(pieces):
+        fstats = stats["filters"]
+        worst = max(fstats, key=lambda k: fstats[k]["count"], default="quality filters")
+        raise UserError(f"filter settings leave no documents (the '{worst}' filter removed "
+                        f"{fstats.get(worst, {}).get('count', 0)}); loosen it or check the input")
+    seconds["read_clean_sign"] = time.time() - t0
+    keep = decide(a, pieces, topic_names, stats, scratch)
+    seconds["dedup_cap"] = time.time() - t0 - sum(seconds.values())
+    train = pieces["frac"] >= a.val_fraction
+    second_pass(folder, scratch, keep, train)
+    shutil.rmtree(scratch)
+    seconds["write"] = time.time() - t0 - sum(seconds.values())
+    stats["topics_before"] = dict(Counter(stats["topics_before"]).most_common())
+    for name, mask in (("train", keep & train), ("val", keep & ~train)):
+        stats[name] = {"documents": int(mask.sum()), "chars": int(pieces["chars"][mask].sum()),
+                       "bytes": int(pieces["bytes"][mask].sum())}
+    # the flags, without where the data lives or how many workers ran: neither changes a byte
+    stats["settings"] = {k: v for k, v in vars(a).items() if k not in ("data", "input", "workers")}
+    stats["seconds_by_step"] = {k: round(v, 2) for k, v in seconds.items()}  # where time goes
+    stats["seconds"] = round(time.time() - t0, 2)
     with open(os.path.join(folder, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1, ensure_ascii=False)
-    plot(folder, stats, chars_before, [len(d["text"]) for d in train + val])
+    plot(folder, stats, lengths, pieces["chars"][keep])
+    return stats
 
 
 def plot(folder, stats, before, after):
@@ -529,7 +705,8 @@ def plot(folder, stats, before, after):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    bins = np.logspace(np.log10(max(1, min(before + after))), np.log10(max(before + after) + 1), 50)
+    both = np.concatenate([before, after])
+    bins = np.logspace(np.log10(max(1, both.min())), np.log10(both.max() + 1), 50)
     ax.hist(before, bins=bins, alpha=0.5, label=f"before ({len(before)} docs)")
     ax.hist(after, bins=bins, alpha=0.5, label=f"after ({len(after)} docs)")
     ax.set(xscale="log", xlabel="characters per document", ylabel="documents",
@@ -590,6 +767,8 @@ def make_parser():
       help="no topic may exceed this share of the final corpus (1 = no cap)")
     a("--val-fraction", type=split_fraction, default=0.1, help="share of documents in val")
     a("--seed", type=common.natural_int, default=0, help="seed of the MinHash hash functions")
+    a("--workers", type=common.positive_int, default=common.cpu_count(),
+      help="processes that clean and sign (default: every core); the output is the same for any number")
     # The quality rules' thresholds (Gopher's, Rae et al. 2021): the tests and the bench set
     # them, nobody tunes them from the command line, so they stay out of --help.
     for flag, default in (("--min-letter-frac", 0.6), ("--max-digit-frac", 0.2), ("--max-symbol-frac", 0.1),
@@ -604,51 +783,31 @@ def run(argv=None):
         raise UserError("--no-builtin needs --input PATH")
     out = os.path.join(a.data, "01_clean")
     with common.output_dir(out) as tmp:   # entered first: an unwritable --data fails before the work
-        train, val, stats, chars_before = build_corpus(a)
-        write_outputs(tmp, train, val, stats, chars_before)
-    report(a, train, val, stats, out)
+        stats = build_corpus(a, tmp)
+    report(a, stats, out)
 
 
-def build_corpus(a):
-    """Read every source, clean, and split. Returns (train, val, stats, each document's length
-    before cleaning)."""
-    t0 = time.time()
-    stats = new_stats()
-    docs = [] if a.no_builtin else load_wikipedia() + load_pydoc()
-    files = expand_inputs(a.input)
-    for path in tqdm(files, desc="read", unit="file", disable=len(files) < 20 or None):
-        docs += load_file(path, stats)
-    stats["sources"] = dict(Counter(d["source"] for d in docs))
-    train, val = clean(docs, a, stats)
-    chars_before = stats.pop("chars_before")
-    for name, split in (("train", train), ("val", val)):
-        stats[name] = {"documents": len(split), "chars": sum(len(d["text"]) for d in split),
-                       "bytes": sum(len(d["text"].encode()) for d in split)}
-    stats["settings"] = {k: v for k, v in vars(a).items() if k not in ("data", "input")}
-    stats["seconds"] = round(time.time() - t0, 2)
-    return train, val, stats, chars_before
-
-
-def report(a, train, val, stats, out):
+def report(a, stats, out):
     """The summary table on stdout."""
     rows = [("documents in", stats["documents_in"]),
             ("pieces after splitting", stats["documents_in"] + stats["split"]["pieces"]
              - stats["split"].get("long_documents", {"count": 0})["count"])]
     rows += [(f"  removed: {k}", -v["count"]) for k, v in stats["filters"].items()]
+    train, val = stats["train"]["documents"], stats["val"]["documents"]
     rows += [("after quality filters", stats["after_filters"]),
              ("after exact dedup", stats["after_exact_dedup"]),
              ("after near dedup", stats["after_near_dedup"]),
-             (f"after topic cap ({a.max_topic_share:.0%})", len(train) + len(val)),
-             ("train documents", len(train)), ("val documents", len(val)),
+             (f"after topic cap ({a.max_topic_share:.0%})", train + val),
+             ("train documents", train), ("val documents", val),
              ("train MB (UTF-8)", round(stats["train"]["bytes"] / 1e6, 2)),
              ("val MB (UTF-8)", round(stats["val"]["bytes"] / 1e6, 2)),
              ("invalid UTF-8 bytes", stats["decode"]["invalid_bytes"]),
-             ("seconds", stats["seconds"])]
+             ("workers", a.workers), ("seconds", stats["seconds"])]
     print(f"\n{'01_clean':<30}{'value':>10}")
     for k, v in rows:
         print(f"{k:<30}{v:>10}")
-    for name, split in (("train", train), ("val", val)):
-        if not split:
+    for name in ("train", "val"):
+        if not stats[name]["documents"]:
             print(f"warning: {name}.jsonl is empty; add data or change --val-fraction",
                   file=sys.stderr)
     print(f"wrote {out}/ (train.jsonl, val.jsonl, stats.json, lengths/topics/filters.png)")

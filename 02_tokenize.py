@@ -21,6 +21,10 @@ The ideas, in the order the code uses them:
      lowest rank, until none is in the vocabulary. That is exactly tiktoken's algorithm, so the
      same ranks handed to tiktoken (written in Rust) give identical ids, only faster.
 
+Both steps stream 01's files in batches to --workers processes (every core by default), so memory
+stays bounded whatever the corpus size, and the files are the same for any number of workers.
+The BPE trains on a sample of about --train-mb MB, chosen by hash (all of the built-in corpus).
+
 Deliberately left out: Unicode normalisation (01_clean did it), SentencePiece/unigram models,
 and training-time dropout of merges.
 """
@@ -33,6 +37,7 @@ import importlib.util
 import json
 import sys
 import time
+import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -111,24 +116,23 @@ def train_naive(texts, vocab_size, pattern):
     return vocab, merges
 
 
-def count_chunks(texts, pattern, progress=False):
+def count_chunks(texts, pattern):
     """Pre-split every document and count each distinct chunk: a corpus of a million chunks
     has only tens of thousands of distinct ones, and training works on those, weighted."""
     pat, counts = regex.compile(pattern), Counter()
-    for t in tqdm(texts, desc="pre-split", unit="doc", disable=not progress):
+    for t in texts:
         counts.update(pat.findall(fix_surrogates(t)))
     return counts
 
 
-def train_fast(texts, vocab_size, pattern, progress=False):
-    """The same merges as train_naive, fast. Three ideas:
+def train_fast(chunk_counts, vocab_size, progress=False):
+    """The same merges as train_naive, fast, from count_chunks' counts. Three ideas:
     - each distinct chunk ("word") is stored once with its frequency;
     - `where` maps a pair to the words containing it, so a merge only visits those words, and
       only the counts of the pairs next to each merged occurrence change;
     - a heap gives the best pair. It is updated lazily: an entry may be stale (its count too
       high, since a pair's count only drops unless the pair contains the new token), so a popped
       entry is checked against the true count and pushed back with it if they differ."""
-    chunk_counts = count_chunks(texts, pattern, progress)
     words = [list(c.encode("utf-8")) for c in chunk_counts]
     freqs = list(chunk_counts.values())
     counts, where = defaultdict(int), defaultdict(set)
@@ -140,7 +144,7 @@ def train_fast(texts, vocab_size, pattern, progress=False):
     heapq.heapify(heap)
     vocab, merges = [bytes([i]) for i in range(256)], []
     index = {tok: i for i, tok in enumerate(vocab)}
-    bar = tqdm(total=vocab_size - 256, desc="merges", unit="tok", disable=not progress)
+    bar = tqdm(total=vocab_size - 256, desc="merges", unit="tok", disable=not progress or None)
     while len(vocab) < vocab_size and heap:
         neg, a, b = heapq.heappop(heap)
         c = counts.get((a, b), 0)
@@ -373,59 +377,126 @@ def load_cl100k(fast=True):
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage: train on 01_clean's train split, then encode both splits into flat token files.
+# The stage: train on a sample of 01_clean's train split, then encode both splits into flat
+# token files. Both steps stream the split in batches of lines to `--workers` processes and take
+# the results back in order, so memory stays bounded and the files are the same for any number
+# of workers.
 
-def read_docs(path):
-    """The documents of one 01_clean split, checked line by line."""
-    if not path.is_file():
-        raise UserError(f"{path}: not found (run 01_clean.py first)")
-    docs = []
+BATCH_CHARS = 2_000_000  # text per batch: enough to amortise the trip to a worker
+
+
+def line_batches(path, rate=1):
+    """The raw lines of a JSON Lines file in batches of (first line number, lines); checking
+    and parsing them is the workers' job. With rate < 1, only a sample of the lines (sampled)."""
+    batch, size, first = [], 0, 1
     try:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                if not line.strip():
+                if not sampled(line, rate):
                     continue
-                d = json.loads(line)
-                if not isinstance(d, dict) or not isinstance(d.get("text"), str):
-                    raise UserError(f"{path}: line {n}: not a JSON object with a string 'text'")
-                docs.append(d)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON Lines ({e})") from None
-    if not docs:
-        raise UserError(f"{path}: no documents")
+                batch.append(line)
+                size += len(line)
+                if size >= BATCH_CHARS:
+                    yield first, batch
+                    batch, size, first = [], 0, n + 1
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if batch:
+        yield first, batch
+
+
+def parse_docs(path, first, lines):
+    """The documents of a batch of lines from a 01_clean split, checked line by line."""
+    docs = []
+    for n, line in enumerate(lines, first):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("text"), str):
+            raise UserError(f"{path}: line {n}: not a JSON object with a string 'text'")
+        docs.append(d)
     return docs
 
 
-def encode_split(enc, docs, name, out_dir, dtype):
-    """Write NAME.bin (every document's ids, then <|endoftext|>) and NAME_docs.jsonl."""
-    arrays, index, start = [], [], 0
-    for d in tqdm(docs, desc=f"encode {name}", unit="doc"):
+def sampled(line, rate):
+    """Whether a line is in the training sample: decided by its hash, so the sample is spread
+    evenly over the corpus, the same on every run, and chosen before any line is parsed."""
+    return rate >= 1 or zlib.crc32(line.encode()) < rate * 2 ** 32
+
+
+def count_batch(path, pattern, keep_texts, job):
+    """In a worker: the chunk counts of one batch's documents (and their bytes)."""
+    texts = [d["text"] for d in parse_docs(path, *job)]
+    size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    return count_chunks(texts, pattern), size, texts if keep_texts else []
+
+
+@functools.lru_cache(maxsize=2)  # each worker loads the saved tokenizer once
+def encoder(directory, fast):
+    return load_cl100k() if directory == "cl100k" else load_tokenizer(directory, fast=fast)
+
+
+def encode_batch(path, directory, fast, dtype, reference, job):
+    """In a worker: one batch's documents as token ids, each followed by <|endoftext|>, with a
+    row per document for NAME_docs.jsonl, the count of each token id, and how many tokens
+    cl100k needs for the same text (when `reference`)."""
+    enc, docs = encoder(directory, fast), parse_docs(path, *job)
+    arrays, rows, ref = [np.zeros(0, dtype)], [], 0
+    for d in docs:
         # encode_ordinary: a document that *contains* the string "<|endoftext|>" gets it as
         # plain text, so data can never forge a document boundary.
         ids = enc.encode_ordinary(d["text"])
         arrays.append(np.array(ids + [enc.eot_token], dtype=dtype))
-        n_bytes = len(d["text"].encode("utf-8", "surrogatepass"))
-        index.append({"start": start, "length": len(ids), "bytes": n_bytes,
-                      "source": d.get("source"), "topic": d.get("topic")})
-        start += len(ids) + 1
-    np.concatenate(arrays).tofile(out_dir / f"{name}.bin")
-    with open(out_dir / f"{name}_docs.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in index)
-    n_tokens = sum(r["length"] for r in index)
-    return start, n_tokens, sum(r["bytes"] for r in index)
+        rows.append((len(ids), len(d["text"].encode("utf-8", "surrogatepass")),
+                     d.get("source"), d.get("topic")))
+        if reference:
+            ref += len(encoder("cl100k", True).encode_ordinary(d["text"]))
+    ids = np.concatenate(arrays)
+    return ids, rows, np.bincount(ids, minlength=enc.n_vocab), ref
+
+
+def encode_split(args, tmp, name, dtype, reference):
+    """Write NAME.bin (every document's ids, then <|endoftext|>) and NAME_docs.jsonl, batch by
+    batch. Returns (ids written, tokens without the separators, text bytes, usage of each id,
+    cl100k's token count)."""
+    path = Path(args.data) / "01_clean" / f"{name}.jsonl"
+    work = functools.partial(encode_batch, path, str(tmp), args.encoder == "tiktoken", dtype,
+                             reference)
+    start = n_tokens = n_bytes = ref = 0
+    usage = 0
+    bar = tqdm(desc=f"encode {name}", unit="doc", disable=None)  # no bar when not a terminal
+    with open(tmp / f"{name}.bin", "wb") as bin_file, open(tmp / f"{name}_docs.jsonl", "w") as index:
+        for ids, rows, counts, r in common.parallel_map(work, line_batches(path), args.workers):
+            ids.tofile(bin_file)
+            for length, size, source, topic in rows:
+                index.write(json.dumps({"start": start, "length": length, "bytes": size,
+                                        "source": source, "topic": topic}) + "\n")
+                start += length + 1
+                n_tokens += length
+                n_bytes += size
+            usage, ref = usage + counts, ref + r
+            bar.update(len(rows))
+    bar.close()
+    if not start:
+        raise UserError(f"{path}: no documents")
+    return start, n_tokens, n_bytes, usage, ref
 
 
 def show(tok_bytes):
     return repr(tok_bytes.decode("utf-8", errors="backslashreplace"))
 
 
-def plot_lengths(ranks, val_ids, path):
-    """Histogram of token lengths in bytes: over the vocabulary, and as used in val text."""
+def plot_lengths(ranks, used, path):
+    """Histogram of token lengths in bytes: over the vocabulary, and as used in val text
+    (`used`: how often each id occurs there)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, and a faster import
     lens = np.zeros(max(ranks.values()) + 1, dtype=np.int64)
     for tok, i in ranks.items():
         lens[i] = len(tok)
-    used = np.bincount(val_ids, minlength=len(lens))[:len(lens)]  # drops <|endoftext|>
+    used = used[:len(lens)]  # drops <|endoftext|>
     bins = np.arange(1, lens.max() + 2) - 0.5
     fig = Figure(figsize=(10, 3.5))
     ax = fig.subplots(1, 2)
@@ -437,9 +508,9 @@ def plot_lengths(ranks, val_ids, path):
     fig.savefig(path, dpi=100)
 
 
-def get_tokenizer(args, texts):
-    """Train a new tokenizer, or reuse a saved one (--tokenizer): returns (ranks, pattern,
-    specials, merge descriptions, seconds)."""
+def get_tokenizer(args):
+    """Train a new tokenizer on a sample of train.jsonl, or reuse a saved one (--tokenizer):
+    returns (ranks, pattern, specials, merge descriptions, bytes trained on, seconds)."""
     t0 = time.time()
     if args.tokenizer:  # reuse: new data encoded with an old tokenizer keeps a checkpoint usable
         try:
@@ -449,60 +520,62 @@ def get_tokenizer(args, texts):
             raise UserError(f"--tokenizer: {e}") from None
         by_rank = sorted((i, tok) for tok, i in src.ranks.items() if i >= 256)
         shown = [show(tok) for _, tok in by_rank]
-        return src.ranks, src.pattern, src.special_tokens, shown, time.time() - t0
-    trainer = train_fast if args.trainer == "fast" else train_naive
-    kwargs = {"progress": True} if args.trainer == "fast" else {}
-    vocab, merges = trainer(texts, args.vocab_size - 1, PATTERNS[args.pattern], **kwargs)
+        return src.ranks, src.pattern, src.special_tokens, shown, 0, time.time() - t0
+    # The sample: the merges settle long before a big corpus ends, and the trainer's memory
+    # grows with the distinct chunks it sees. The rate is --train-mb over the file's size
+    # (its JSON is a little larger than its text, so the sample comes out a little smaller).
+    path = Path(args.data) / "01_clean" / "train.jsonl"
+    rate = args.train_mb * 1e6 / max(1, path.stat().st_size)
+    naive = args.trainer == "naive"
+    work = functools.partial(count_batch, path, PATTERNS[args.pattern], naive)
+    counts, size, texts = Counter(), 0, []
+    for c, n, t in tqdm(common.parallel_map(work, line_batches(path, rate), args.workers),
+                        desc="pre-split", unit="batch", disable=None):
+        counts.update(c)
+        size += n
+        texts += t
+    if naive:
+        vocab, merges = train_naive(texts, args.vocab_size - 1, PATTERNS[args.pattern])
+    else:
+        vocab, merges = train_fast(counts, args.vocab_size - 1, progress=True)
     if len(vocab) < args.vocab_size - 1:
         print(f"note: the training text ran out of pairs at {len(vocab)} tokens", file=sys.stderr)
     shown = [f"{show(vocab[a])} + {show(vocab[b])}" for a, b, _ in merges]
     ranks = {tok: i for i, tok in enumerate(vocab)}
-    return ranks, PATTERNS[args.pattern], {EOT: len(vocab)}, shown, time.time() - t0
+    return ranks, PATTERNS[args.pattern], {EOT: len(vocab)}, shown, size, time.time() - t0
 
 
 def build(args, tmp):
     """Train (or reuse) the tokenizer, save it into `tmp`, and encode both splits with it.
     Returns the stage's stats."""
-    data = Path(args.data)
-    train_docs = read_docs(data / "01_clean" / "train.jsonl")
-    val_docs = read_docs(data / "01_clean" / "val.jsonl")
-    texts = [d["text"] for d in train_docs]
-    if args.train_mb:  # train on a prefix: the merges settle long before a big corpus ends
-        budget, keep = args.train_mb * 1e6, []
-        for t in texts:
-            if budget <= 0:
-                break
-            keep.append(t)
-            budget -= len(t.encode("utf-8", "surrogatepass"))
-        texts = keep
-    ranks, pattern, specials, shown, train_s = get_tokenizer(args, texts)
+    for name in ("train", "val"):   # both, before any work
+        if not (path := Path(args.data) / "01_clean" / f"{name}.jsonl").is_file():
+            raise UserError(f"{path}: not found (run 01_clean.py first)")
+    ranks, pattern, specials, shown, train_text_bytes, train_s = get_tokenizer(args)
     if EOT not in specials:
         raise UserError(f"--tokenizer {args.tokenizer}: has no {EOT} special token")
     pattern_name = next((k for k, v in PATTERNS.items() if v == pattern), "custom")
     save_tokenizer(Tokenizer(ranks, pattern, specials), tmp, pattern_name)
     # Encode with what was *saved*, so the files below are exactly what later stages get.
-    enc = load_tokenizer(tmp, fast=args.encoder == "tiktoken")
-    dtype = "uint16" if enc.n_vocab <= 2**16 else "uint32"
+    n_vocab = max(max(ranks.values()), *specials.values()) + 1
+    dtype = "uint16" if n_vocab <= 2**16 else "uint32"
     t0 = time.time()
-    n_train, train_tokens, train_bytes = encode_split(enc, train_docs, "train", tmp, dtype)
-    n_val, val_tokens, val_bytes = encode_split(enc, val_docs, "val", tmp, dtype)
+    n_train, train_tokens, train_bytes, _, _ = encode_split(args, tmp, "train", dtype, False)
+    # The reference: how well GPT-4's 100K-token vocabulary compresses the same val text.
+    reference = cl100k_path() is not None
+    n_val, val_tokens, val_bytes, used, ref = encode_split(args, tmp, "val", dtype, reference)
     encode_s = time.time() - t0
-    meta = {"vocab_size": enc.n_vocab, "dtype": dtype, "eot_id": enc.eot_token,
+    meta = {"vocab_size": n_vocab, "dtype": dtype, "eot_id": specials[EOT],
             "special_tokens": specials, "pattern_name": pattern_name,
             "train_tokens": n_train, "val_tokens": n_val, "train_bytes": train_bytes,
             "val_bytes": val_bytes, "val_bytes_per_token": val_bytes / max(val_tokens, 1)}
-    # The reference: how well GPT-4's 100K-token vocabulary compresses the same text.
-    ref = None
-    if cl100k_path() is not None:
-        cl = load_cl100k()
-        ref = val_bytes / max(1, sum(len(cl.encode_ordinary(d["text"])) for d in val_docs))
-    plot_lengths(ranks, np.fromfile(tmp / "val.bin", dtype=dtype), tmp / "token_lengths.png")
+    plot_lengths(ranks, used, tmp / "token_lengths.png")
     stats = {**meta, "trainer": None if args.tokenizer else args.trainer,
              "tokenizer_from": args.tokenizer, "encoder": args.encoder,
-             "train_text_bytes": sum(len(t.encode("utf-8", "surrogatepass")) for t in texts),
+             "train_text_bytes": train_text_bytes, "train_mb": args.train_mb,
              "train_seconds": round(train_s, 2), "encode_seconds": round(encode_s, 2),
              "encode_mb_per_s": round((train_bytes + val_bytes) / 1e6 / max(encode_s, 1e-9), 2),
-             "cl100k_val_bytes_per_token": ref,
+             "cl100k_val_bytes_per_token": val_bytes / max(1, ref) if reference else None,
              "first_merges": shown[:10], "last_merges": shown[-10:]}
     for name, obj in (("meta.json", meta), ("stats.json", stats)):
         with open(tmp / name, "w") as f:
@@ -523,8 +596,11 @@ def parse_args(argv=None):
       help="encode the splits with tiktoken (default) or our own encoder (same ids)")
     a("--tokenizer", metavar="DIR|cl100k", default=None,
       help="skip training: reuse the tokenizer saved in DIR, or GPT-4's cl100k_base")
-    a("--train-mb", type=common.positive_float, default=None, metavar="MB",
-      help="train the tokenizer on only the first N MB of train.jsonl")
+    a("--train-mb", type=common.positive_float, default=100, metavar="MB",
+      help="train the tokenizer on a sample of about MB megabytes of train.jsonl, spread over "
+           "it by hash (all of a smaller file; default 100)")
+    a("--workers", type=common.positive_int, default=common.cpu_count(), metavar="N",
+      help="processes that pre-split and encode (default: every core); the files are the same for any number")
     return ap.parse_args(argv)
 
 

@@ -12,11 +12,15 @@ uses them alike:
     weights_only=True whose failures are the user's (a wrong or damaged file).
   * wilson(): the 95% interval of a rate.
   * device_flag, pick_device() and synchronize(): every stage's --device, and timing on it.
+  * cpu_count() and parallel_map(): the data stages' work spread over processes, in order.
 It imports no stage, so any stage may import it, and imports torch only inside the functions
 that need it, so that serve.py (which must run without PyTorch) can import it too.
 """
 import argparse
+import atexit
+import collections
 import contextlib
+import functools
 import math
 import os
 import shutil
@@ -115,6 +119,48 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif kind == "mps":
         torch.mps.synchronize()
+
+
+def cpu_count():
+    """The cores this process may use (a container or `taskset` may allow fewer than exist)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=None)
+def process_pool(workers):
+    """One pool of `workers` processes per process, started on first use and then reused:
+    starting one costs about a second. "spawn" starts them the same way on Linux, macOS and
+    Windows (each imports the script afresh), and they end when this process does. They ignore
+    Ctrl-C, which reaches them too: the main process alone decides what stops."""
+    import multiprocessing
+    import signal
+    pool = multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))
+    atexit.register(pool.terminate)   # while the interpreter still has what that needs
+    return pool
+
+
+def parallel_map(fn, items, workers):
+    """fn(item) for each item, in order, on `workers` processes; workers=1 runs in this process.
+    At most two items per worker are in flight, so a stream of items of any length needs
+    bounded memory (Pool.imap would read the whole stream ahead). An exception in a worker is
+    raised here."""
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    pool, pending = process_pool(workers), collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    except BaseException:   # an error, Ctrl-C, or a caller that stopped early
+        # Let the few tasks in flight finish first: terminating a Pool while it is still sending
+        # a large task to a worker can hang forever (it did, one run in six).
+        for result in pending:
+            result.wait()
+        raise
 
 
 def replace_dir(tmp, out):

@@ -67,10 +67,11 @@ EXERCISES = {
             "((a[i] * x + b[i]) mod MERSENNE), keeping its low 32 bits (uint64 arithmetic): "
             "an array of len(a) values.",
         "near_dedup":
-            "Sign each document (shingles, then minhash), gather the kept documents that share one of "
-            "its LSH band buckets (lsh_shape), and drop it when the best estimated Jaccard among them "
-            "is >= opts.threshold (noting up to N_EXAMPLES examples); otherwise keep it and file it in "
-            "its buckets. Set stats' bands, rows and candidate_pairs; return the kept documents.",
+            "Find the alive documents that share a band key (band_column(b)) with another one; visit "
+            "them in order, gathering the kept ones that share a (band, key) bucket with each, and drop "
+            "it when the best share of equal signature positions among them is >= threshold (noting up "
+            "to N_EXAMPLES examples as indices); otherwise file it in its buckets. Set "
+            "stats['candidate_pairs']; return the keep mask.",
     },
     "02_tokenize": {
         "merge_ids":

@@ -99,7 +99,7 @@ def main():
     hf_tokenizers()
     ours_t, hf_t = [], []
     for _ in range(args.repeats):
-        t, (vocab, _) = best_of(1, lambda: tk.train_fast(train, args.vocab_size - 1, pat))
+        t, (vocab, _) = best_of(1, lambda: tk.train_fast(tk.count_chunks(train, pat), args.vocab_size - 1))
         ours_t.append(t)
         t, hf = best_of(1, lambda: hf_train(train, args.vocab_size - 1, pat))
         hf_t.append(t)
@@ -118,7 +118,7 @@ def main():
         small.append(t)
         size += len(t.encode("utf-8"))
     naive_t, naive = best_of(1, lambda: tk.train_naive(small, args.slice_vocab, pat))
-    fast_t, fast = best_of(args.repeats, lambda: tk.train_fast(small, args.slice_vocab, pat))
+    fast_t, fast = best_of(args.repeats, lambda: tk.train_fast(tk.count_chunks(small, pat), args.slice_vocab))
     rows += [(f"slice {size / 1e3:.0f} KB, vocab {args.slice_vocab}: naive, s", naive_t),
              ("  fast, s", fast_t), ("  naive / fast", naive_t / fast_t),
              ("  identical merges (1 = yes)", float(naive == fast))]

@@ -51,7 +51,7 @@ MUTANTS = [
     ("01_clean.py", "return max(below, key=lambda s: (1 / s[0]) ** (1 / s[1])) if below else shapes[0]",
      "return min(below, key=lambda s: (1 / s[0]) ** (1 / s[1])) if below else shapes[0]",
      "lsh_shape: the S-curve far below the threshold"),
-    ("01_clean.py", "if sim >= opts.threshold:", "if sim > opts.threshold:",
+    ("01_clean.py", "sims[best] >= threshold:", "sims[best] > threshold:",
      "near_dedup: > for >= (similarity equal to the threshold kept)"),
     # ---- 02_tokenize.py: BPE training (naive and fast), merging, encoding
     ("02_tokenize.py", "            out.append(new)\n            i += 2", "            out.append(new)\n            i += 1",
@@ -101,7 +101,9 @@ MUTANTS = [
     ("05_eval.py", "np.abs(acc - avg)", "(acc - avg)", "calibration: signed gaps cancel"),
     ("05_eval.py", ".gather(-1, x[j, start:len(s), None]).mean().item()",
      ".gather(-1, x[j, start:len(s), None]).sum().item()", "multiple choice: total, not mean, log-likelihood"),
-    # ---- common.py: the interval every stage reports
+    # ---- common.py: the interval every stage reports, the data stages' process pool
+    ("common.py", "                yield pending.popleft().get()\n        while", "                yield pending.pop().get()\n        while",
+     "parallel_map: results out of order"),
     ("common.py", "centre = (p + z * z / (2 * n)) / d", "centre = (p + z * z / n) / d", "wilson: wrong centre"),
     ("common.py", "z * z / (4 * n * n)) / d", "z * z / (4 * n)) / d", "wilson: 4n for 4n^2"),
     ("common.py", "return None, None", "return 0.0, 1.0", "wilson: an interval for no trials"),

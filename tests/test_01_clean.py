@@ -9,9 +9,9 @@ import os
 import random
 import re
 
+import numpy as np
 import pytest
 
-import common
 from conftest import load, run
 
 clean = load("01_clean")
@@ -85,7 +85,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     f = tmp_path / "bad.txt"
     f.write_bytes("good text ".encode() + b"\xff\xfe" + " more \xe9".encode("latin-1"))
     stats = clean.new_stats()
-    text = clean.read_text(str(f), stats)
+    text = "".join(clean.read_lines(str(f), stats))
     assert text == "good text \ufffd\ufffd more \ufffd"
     assert stats["decode"]["invalid_bytes"] == 3
 
@@ -132,9 +132,8 @@ def test_minhash_estimates_jaccard():
     base = prose(1, 300)
     for n_edits in (0, 3, 10, 30, 60):
         other = edit(base, n_edits, n_edits)
-        ids = {}
-        s1 = clean.minhash(clean.shingles(base, 5, ids), a, b)
-        s2 = clean.minhash(clean.shingles(other, 5, ids), a, b)
+        s1 = clean.minhash(clean.shingles(base, 5), a, b)
+        s2 = clean.minhash(clean.shingles(other, 5), a, b)
         # 256 hash functions: the estimate's standard deviation is at most 0.5/16 ~ 0.03
         assert abs((s1 == s2).mean() - jaccard(base, other)) < 0.1
 
@@ -147,12 +146,33 @@ def test_lsh_shape_catches_the_threshold_and_not_half_of_it():
         assert bands * rows == num_perm and p(threshold) > 0.8 and p(threshold / 2) < 0.5
 
 
+def near_dedup(texts, **kw):
+    """01's near dedup on raw texts: sign each, then dedup. Returns (kept texts, stats)."""
+    a = opts(**kw)
+    params = clean.minhash_params(a.num_perm, a.seed)
+    sigs = np.array([clean.minhash(clean.shingles(t, a.shingle), *params) for t in texts], np.uint32)
+    bands, rows = clean.lsh_shape(a.num_perm, a.threshold)
+    keys = clean.band_keys(sigs, bands, rows)
+    stats = {"examples": []}
+    keep = clean.near_dedup(len(texts), bands, lambda b: keys[:, b], sigs.__getitem__, a.threshold, stats)
+    return [t for t, k in zip(texts, keep) if k], stats
+
+
 def test_near_dedup_threshold_is_inclusive():
-    # a pair whose similarity equals --threshold is a duplicate: at 1, copies that differ only
-    # in case and punctuation (the same shingles) go, a different text stays
-    docs = [prose(1), prose(1).upper().replace(".", "!"), prose(2)]
-    kept = clean.near_dedup([{"text": d} for d in docs], opts(threshold=1.0), {"examples": []})
-    assert [d["text"] for d in kept] == [docs[0], docs[2]]
+    # Signatures made by hand, so that only near_dedup is tested: documents 1 and 2 agree with
+    # document 0 in 96 and 95 of 128 positions (0.75, 0.742), document 3 in none.
+    sigs = np.tile(np.arange(128, dtype=np.uint32), (4, 1))
+    sigs[1, 96:] += 1000
+    sigs[2, 95:] += 2000
+    sigs[3] += 3000
+    keys = clean.band_keys(sigs, 32, 4)
+    for threshold, kept in ((0.75, [0, 2, 3]), (0.74, [0, 3]), (0.76, [0, 1, 2, 3])):
+        stats = {"examples": []}
+        keep = clean.near_dedup(4, 32, lambda b: keys[:, b], sigs.__getitem__, threshold, stats)
+        assert np.flatnonzero(keep).tolist() == kept
+    assert stats["candidate_pairs"] == 1 + 2 and np.flatnonzero(clean.near_dedup(
+        4, 32, lambda b: keys[:, b], sigs.__getitem__, 0.74, stats,
+        alive=np.array([0, 1, 1, 1], bool))).tolist() == [1, 3]
 
 
 def test_near_dedup_matches_brute_force():
@@ -171,31 +191,28 @@ def test_near_dedup_matches_brute_force():
     for d in docs:  # first of each group survives, exactly as the script promises
         if all(jaccard(d, k) < 0.7 for k in kept_ref):
             kept_ref.append(d)
-    stats = {"examples": []}
-    kept = clean.near_dedup([{"text": d} for d in docs], opts(), stats)
-    assert [d["text"] for d in kept] == kept_ref
+    kept, stats = near_dedup(docs)
+    assert kept == kept_ref
     assert 40 == len(kept) < len(docs)
     assert stats["candidate_pairs"] < len(docs) ** 2 / 10  # LSH did not compare all pairs
 
 
 def test_cap_topics_caps_share_and_drops_by_hash():
-    docs = ([{"text": f"a {i}", "topic": "A"} for i in range(30)]
-            + [{"text": f"b {i}", "topic": "B"} for i in range(10)]
-            + [{"text": f"c {i}", "topic": "C"} for i in range(10)]
-            + [{"text": f"u {i}", "topic": None} for i in range(5)])
-    kept, cap, removed = clean.cap_topics(docs, 0.4)
+    texts = ([f"a {i}" for i in range(30)] + [f"b {i}" for i in range(10)]
+             + [f"c {i}" for i in range(10)] + [f"u {i}" for i in range(5)])
+    topics = np.array([0] * 30 + [1] * 10 + [2] * 10 + [-1] * 5)   # A, B, C, and no topic
+    order = np.array([clean.stable_fraction(t) for t in texts])
+    keep, cap, removed = clean.cap_topics(topics, order, 0.4)
     # the largest cap with cap <= 0.4 * (cap + 10 + 10 + 5) is 16
-    assert cap == 16 and removed == {"A": 14}
-    a_kept = {d["text"] for d in kept if d["topic"] == "A"}
-    by_sha = sorted((f"a {i}" for i in range(30)),
-                    key=lambda t: hashlib.sha1(t.encode()).digest())
-    assert a_kept == set(by_sha[:16])
-    assert max(sum(d["topic"] == t for d in kept) for t in "ABC") / len(kept) <= 0.4
-    kept2, _, _ = clean.cap_topics(list(reversed(docs)), 0.4)  # order does not matter
-    assert {d["text"] for d in kept2} == {d["text"] for d in kept}
+    assert cap == 16 and removed == {0: 14}
+    by_sha = sorted(texts[:30], key=lambda t: hashlib.sha1(t.encode()).digest())
+    assert {t for t, k in zip(texts[:30], keep) if k} == set(by_sha[:16])
+    assert max(np.sum(topics[keep] == t) for t in range(3)) / keep.sum() <= 0.4
+    keep2, _, _ = clean.cap_topics(topics[::-1], order[::-1], 0.4)  # order does not matter
+    assert (keep2[::-1] == keep).all()
     # two topics cannot be held to 40% each: stop at equal sizes rather than cut everything
-    kept3, cap3, _ = clean.cap_topics(docs[:40], 0.4)
-    assert cap3 == 10 and len(kept3) == 20
+    keep3, cap3, _ = clean.cap_topics(topics[:40], order[:40], 0.4)
+    assert cap3 == 10 and keep3.sum() == 20
 
 
 def test_builtin_corpus_is_the_pinned_one(monkeypatch):
@@ -229,15 +246,16 @@ def test_failed_write_leaves_old_output(tmp_path, monkeypatch):
     out = tmp_path / "01_clean"
     out.mkdir()
     (out / "train.jsonl").write_text("old\n")
+    (tmp_path / "in.txt").write_text(prose(0))
 
     def boom(*args):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(clean, "plot", boom)
+    monkeypatch.setattr(clean, "plot", boom)   # the last file written
     with pytest.raises(RuntimeError):
-        with common.output_dir(out) as tmp:   # as run() writes
-            clean.write_outputs(tmp, [{"text": "new"}], [], {}, [])
+        clean.run(["--data", str(tmp_path), "--no-builtin", "--input", str(tmp_path / "in.txt"),
+                   "--workers", "1"])
     assert (out / "train.jsonl").read_text() == "old\n"
-    assert os.listdir(tmp_path) == ["01_clean"]  # no temporary folder left behind
+    assert sorted(os.listdir(tmp_path)) == ["01_clean", "in.txt"]  # no scratch or temporary folder
 
 
 # ---- end to end ---------------------------------------------------------------------------
@@ -296,12 +314,31 @@ def test_end_to_end_tiny_folder(tmp_path):
     assert sorted(os.listdir(data)) == ["01_clean"]
 
 
-def test_split_by_hash_never_moves_old_documents():
+def test_output_is_the_same_for_any_number_of_workers(tmp_path, monkeypatch):
+    """Many small batches over 1 and 2 workers: the same bytes, the same stats."""
+    make_corpus(tmp_path / "in")
+    monkeypatch.setattr(clean, "BATCH_CHARS", 1500)   # about one document per batch
+    outs = []
+    for workers in (1, 2):
+        data = tmp_path / f"data{workers}"
+        clean.run(["--data", str(data), "--no-builtin", "--input", str(tmp_path / "in"),
+                   "--workers", str(workers)])
+        rows, stats = read_out(data)
+        outs.append((rows, {k: v for k, v in stats.items() if not k.startswith("seconds")}))
+    assert outs[0] == outs[1] and len(outs[0][0]["train"]) > 5
+
+
+def test_split_by_hash_never_moves_old_documents(tmp_path):
     """Adding documents never moves an old one between train and val."""
-    docs = [{"text": prose(i), "source": "x", "topic": None, "title": None} for i in range(40)]
-    train1, val1 = clean.clean(docs[:25], opts(val_fraction=0.3), clean.new_stats())
-    train2, val2 = clean.clean(docs, opts(val_fraction=0.3), clean.new_stats())
-    t1, v1, t2, v2 = ({d["text"] for d in x} for x in (train1, val1, train2, val2))
+    texts = [prose(i) for i in range(40)]
+    splits = []
+    for n in (25, 40):
+        (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:n]))
+        clean.run(["--data", str(tmp_path), "--no-builtin", "--input", str(tmp_path / "in.jsonl"),
+                   "--val-fraction", "0.3", "--workers", "1"])
+        rows, _ = read_out(tmp_path)
+        splits += [{d["text"] for d in rows["train"]}, {d["text"] for d in rows["val"]}]
+    t1, v1, t2, v2 = splits
     assert t1 <= t2 and v1 <= v2 and len(t2 | v2) == 40 and v1 and t1
     assert 0.1 < len(v2) / 40 < 0.5  # about --val-fraction of the documents
 
@@ -314,6 +351,7 @@ def test_split_by_hash_never_moves_old_documents():
     (b'{"body": "no text"}\n', 'bad.jsonl:1: JSON Lines record has no string "text"'),
     (gzip.compress(b"\x00\x01binary"), "bad.jsonl.gz: looks like a binary file"),
     (b"not gzip at all", "bad.jsonl.gz: cannot read"),
+    (gzip.compress(b'{"text": "fine"}\n' * 1000)[:-20], "bad.jsonl.gz: cannot read"),  # cut short
 ])
 def test_bad_files_give_one_line_errors(tmp_path, content, expect):
     path = tmp_path / ("bad.jsonl.gz" if ".gz" in expect else "bad.jsonl")
@@ -321,7 +359,7 @@ def test_bad_files_give_one_line_errors(tmp_path, content, expect):
         path.write_bytes(content)
     with pytest.raises(clean.UserError) as e:
         for f in clean.expand_inputs([str(path)]):
-            clean.load_file(f, clean.new_stats())
+            list(clean.load_file(f, clean.new_stats()))
     assert expect in str(e.value) and "\n" not in str(e.value)
 
 

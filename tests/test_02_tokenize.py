@@ -44,7 +44,7 @@ def random_strings(n, seed=0):
 @pytest.fixture(scope="module")
 def trained(texts):
     """A small tokenizer trained on the real text, as (our Tokenizer, tiktoken.Encoding)."""
-    vocab, merges = tk.train_fast(texts, 700, tk.PATTERNS["cl100k"])
+    vocab, merges = tk.train_fast(tk.count_chunks(texts, tk.PATTERNS["cl100k"]), 700)
     ranks = {tok: i for i, tok in enumerate(vocab)}
     ours = tk.Tokenizer(ranks, tk.PATTERNS["cl100k"], {tk.EOT: len(vocab)})
     ref = tiktoken.Encoding("t", pat_str=tk.PATTERNS["cl100k"], mergeable_ranks=ranks,
@@ -57,15 +57,15 @@ def test_naive_and_fast_trainers_learn_identical_merges(texts, pattern):
     # overlapping runs ("aaaa", "abab") are where an incremental count update goes wrong
     small = texts[:6] + ["aaaaaaa aaaa abababab ab ab aaab", "\n\n\n    x  x\t\t 1234567 l'll"]
     naive = tk.train_naive(small, 420, tk.PATTERNS[pattern])
-    fast = tk.train_fast(small, 420, tk.PATTERNS[pattern])
+    fast = tk.train_fast(tk.count_chunks(small, tk.PATTERNS[pattern]), 420)
     assert len(naive[1]) == 420 - 256
     assert naive == fast
-    assert tk.train_fast(small, 420, tk.PATTERNS[pattern]) == fast  # repeatable
+    assert tk.train_fast(tk.count_chunks(small, tk.PATTERNS[pattern]), 420) == fast  # repeatable
 
 
 def test_trainers_agree_when_text_runs_out_of_pairs():
     naive = tk.train_naive(["abc abc", "ab"], 1000, tk.PATTERNS["cl100k"])
-    assert naive == tk.train_fast(["abc abc", "ab"], 1000, tk.PATTERNS["cl100k"])
+    assert naive == tk.train_fast(tk.count_chunks(["abc abc", "ab"], tk.PATTERNS["cl100k"]), 1000)
     # worked by hand: (a,b) x3 -> "ab"; then ("ab",c) x2 -> "abc"; then (" ","abc") x1; no pair left
     assert naive[0][256:] == [b"ab", b"abc", b" abc"]
 
@@ -128,7 +128,7 @@ def test_cl100k_ranks_in_our_encoder_reproduce_tiktoken_cl100k(texts):
 
 
 def test_save_then_load_round_trips_with_the_pattern(tmp_path, texts):
-    vocab, _ = tk.train_fast(texts[:10], 400, tk.PATTERNS["gpt2"])
+    vocab, _ = tk.train_fast(tk.count_chunks(texts[:10], tk.PATTERNS["gpt2"]), 400)
     ranks = {tok: i for i, tok in enumerate(vocab)}
     tk.save_tokenizer(tk.Tokenizer(ranks, tk.PATTERNS["gpt2"], {tk.EOT: 400}), tmp_path, "gpt2")
     fast, slow = tk.load_tokenizer(tmp_path), tk.load_tokenizer(tmp_path, fast=False)
@@ -211,6 +211,32 @@ def test_stage_writes_the_contract_and_documents_decode_back(clean_dir, texts):
     assert r.returncode == 0, r.stderr
     assert first == {n: (out / n).read_bytes() for n in first}
     assert not [p for p in clean_dir.iterdir() if p.name.startswith(".02_tokenize")]
+
+
+def test_files_are_the_same_for_any_number_of_workers(clean_dir, monkeypatch):
+    """Many small batches over 1 and 2 workers: the same tokenizer and token files."""
+    monkeypatch.setattr(tk, "BATCH_CHARS", 500)
+    out = clean_dir / "02_tokenize"
+    files = []
+    for workers in (1, 2):
+        tk.run(["--data", str(clean_dir), "--vocab-size", "400", "--workers", str(workers)])
+        files.append({p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".png"
+                      and p.name != "stats.json"})
+    assert files[0] == files[1] and len(files[0]) == 7
+
+
+def test_tokenizer_trains_on_a_stated_sample(clean_dir):
+    """--train-mb smaller than train.jsonl: about that much text, spread over the whole file."""
+    size = (clean_dir / "01_clean" / "train.jsonl").stat().st_size
+    tk.run(["--data", str(clean_dir), "--vocab-size", "300", "--train-mb", str(size / 2e6),
+            "--workers", "1"])
+    stats = json.loads((clean_dir / "02_tokenize" / "stats.json").read_text())
+    lines = open(clean_dir / "01_clean" / "train.jsonl").readlines()
+    docs = [json.loads(line)["text"] for line in lines]
+    picked = [json.loads(line)["text"] for line in lines if tk.sampled(line, 0.5)]
+    assert stats["train_text_bytes"] == sum(len(t.encode()) for t in picked)
+    assert 0.2 < len(picked) / len(docs) < 0.8   # about half, by hash
+    assert picked[0] != docs[0] or picked[-1] != docs[-1] or len(picked) < len(docs)
 
 
 def test_stage_with_cl100k_writes_uint32(clean_dir):

@@ -107,3 +107,18 @@ def test_every_stage_takes_the_same_device_flag(stage, capsys):
     assert "--device DEVICE" in help_text and "auto, cpu, cuda, cuda:N or mps (default auto:" in help_text
     with pytest.raises(common.UserError, match="--device.*expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"):
         parse(["--device", "tpu"])
+
+
+def test_parallel_map_keeps_order_reads_lazily_and_raises_worker_errors():
+    for workers in (1, 2):
+        assert list(common.parallel_map(str, range(30), workers)) == [str(i) for i in range(30)]
+    taken = []
+
+    def items():
+        for i in range(1000):
+            taken.append(i)
+            yield i
+    first = next(common.parallel_map(abs, items(), 2))
+    assert first == 0 and len(taken) <= 2 * 2 + 1   # bounded: never the whole stream ahead
+    with pytest.raises(ValueError):
+        list(common.parallel_map(int, ["1", "x", "3"], 2))
