@@ -555,9 +555,10 @@ def build(args, tmp):
     if EOT not in specials:
         raise UserError(f"--tokenizer {args.tokenizer}: has no {EOT} special token")
     pattern_name = next((k for k, v in PATTERNS.items() if v == pattern), "custom")
-    save_tokenizer(Tokenizer(ranks, pattern, specials), tmp, pattern_name)
-    # Encode with what was *saved*, so the files below are exactly what later stages get.
-    n_vocab = max(max(ranks.values()), *specials.values()) + 1
+    tok = Tokenizer(ranks, pattern, specials)
+    save_tokenizer(tok, tmp, pattern_name)
+    # The workers encode with what was *saved*, so the files are exactly what later stages get.
+    n_vocab = tok.n_vocab
     dtype = "uint16" if n_vocab <= 2**16 else "uint32"
     t0 = time.time()
     n_train, train_tokens, train_bytes, _, _ = encode_split(args, tmp, "train", dtype, False)

@@ -236,7 +236,7 @@ def test_tokenizer_trains_on_a_stated_sample(clean_dir):
     picked = [json.loads(line)["text"] for line in lines if tk.sampled(line, 0.5)]
     assert stats["train_text_bytes"] == sum(len(t.encode()) for t in picked)
     assert 0.2 < len(picked) / len(docs) < 0.8   # about half, by hash
-    assert picked[0] != docs[0] or picked[-1] != docs[-1] or len(picked) < len(docs)
+    assert set(picked) & set(docs[len(docs) // 2:])   # not a prefix: the file's end is sampled too
 
 
 def test_stage_with_cl100k_writes_uint32(clean_dir):
