@@ -38,11 +38,15 @@ REFUSAL = "Sorry, I can't help with that. If you are in danger or thinking about
 # built-in Wikipedia and Python corpora and of the guard's training requests); between readings
 # of the same words, word order decides (the share of word pairs seen in those texts, a bigram
 # language model). A new encoding is one more decoder; the judge stays the same.
+# Text hidden in plain sight, in tag characters or in the first words of lines, is not replaced
+# but added beside the text, to be judged on its own.
 
 WORDS = {w: int(n) for w, n in (line.split() for line in
                                 (SAFETY / "english_words.txt").read_text(encoding="utf-8").splitlines())}
 BIGRAMS = set((SAFETY / "english_bigrams.txt").read_text(encoding="utf-8").splitlines())
 READS = 0.6   # a text "reads as English" when at least this share of its words are English words
+ORDERED = 0.25   # ... in English word order when this share of its word pairs are common pairs
+                 # (95% of the guard's training requests of six words or more have that)
 # Letters of other scripts that look like Latin ones (from Unicode's confusables.txt, UTS #39),
 # and small capitals: NFKC keeps them, as they are real letters. Mapping them in every text is
 # right for a system that reads English only (see the policy below).
@@ -307,6 +311,27 @@ def spacing_readings(text):
     return out + [g for g in glued if len(g[2].split()) >= 4 and len(g[2]) <= 5.5 * len(g[2].split())]
 
 
+def acrostics(text):
+    """Messages hidden in plain sight (acrostics): when the text points at the first words or
+    letters of lines, those of each block of six lines or more, with or without its first line
+    (often the instruction). The lines read as English, so nothing is replaced; a message of six
+    words or more in English word order is kept, to be judged on its own. The instruction is part
+    of the attack (the model must be told where to read) and it is needed here: six words that
+    begin lines of prose or a poem ("I That When A Beside Fluttering") are in English order by
+    chance one time in four, as often as this bigram model can tell."""
+    if not re.search(r"\b(?:first|initial|opening|starting) (?:word|letter|character)", text, re.I):
+        return []
+    out = []
+    for m in re.finditer(r"(?:^[^\S\n]*[A-Za-z][\w']*.*(?:\n|$)){6,}", text, re.M):
+        firsts = re.findall(r"^[^\S\n]*([\w']+)", m.group(0), re.M)
+        readings = [r for ws in (firsts, firsts[1:]) for r in (" ".join(ws), segment("".join(w[0] for w in ws).lower()))
+                    if len(words(r)) >= 6 and english(r) >= READS]
+        best = max(readings, key=fluency, default="")
+        if best and fluency(best) >= ORDERED:
+            out.append(best)
+    return out
+
+
 DECODERS = {"leetspeak": lambda text: [(0, len(text), leetspeak(text))], "base64": base64_readings, "hex": hex_readings, "url": url_readings, "morse": morse_readings,
             "caesar": caesar_readings, "reversed": reversed_readings, "pig_latin": piglatin_readings,
             "spacing": spacing_readings}
@@ -331,6 +356,9 @@ def _read(text, depth):
     """normalize(), as (text, steps, payloads)."""
     steps, payloads, hidden = [], [], []
     text = clean(text, steps, hidden)
+    found = acrostics(text)   # hidden in plain sight: judged on their own, like hidden characters
+    hidden += found
+    steps += ["acrostic"] * bool(found)
     payloads += [_read(h, depth + 1)[0] for h in hidden]
     score = lambda t: english(t) + fluency(t)
     for _ in range(8):   # rounds: the decoder whose best reading gains most has its readings applied
