@@ -65,7 +65,10 @@ MORSE = dict(zip(".- -... -.-. -.. . ..-. --. .... .. .--- -.- .-.. -- -. --- .-
 
 
 def words(text):
-    return re.findall(r"[a-z]+", text.casefold().replace("'", "").replace("\u2019", ""))
+    return WORD.findall(text.casefold().replace("'", "").replace("\u2019", ""))
+
+
+WORD = re.compile("[a-z]+")
 
 
 def english(text):
@@ -107,8 +110,9 @@ def clean(text, steps, hidden):
     # Zero-width characters, soft hyphens, bidi controls (category Cf) and control characters:
     # invisible, so deleted; unless they stand between words instead of spaces ("tell\u200bme").
     invisible = lambda c: unicodedata.category(c) == "Cf" or (unicodedata.category(c) == "Cc" and c not in "\n\t\r")
-    gone, spaced = "".join(c for c in text if not invisible(c)), "".join(" " if invisible(c) else c for c in text)
-    text = step("invisible", spaced if english(spaced) > english(gone) + 0.2 else gone, text)
+    if re.search(r"[^ -~\n\t\r]", text):   # (printable ASCII has none of them)
+        gone, spaced = "".join(c for c in text if not invisible(c)), "".join(" " if invisible(c) else c for c in text)
+        text = step("invisible", spaced if english(spaced) > english(gone) + 0.2 else gone, text)
     if not text.isascii():
         text = step("nfkc", unicodedata.normalize("NFKC", text.translate(ENCLOSED)), text)   # ｆｕｌｌ, 𝐛𝐨𝐥𝐝
         text = step("marks", "".join(c for c in unicodedata.normalize("NFKD", text)       # accents, "Zalgo"
@@ -186,10 +190,13 @@ def base64_readings(text):
         at = [0, *itertools.accumulate(len(t.group(0)) for t in toks)]
         found = None
         for i in range(min(len(toks), 8)):   # the payload may follow a few plain words ...
+            sign = re.compile("[A-Z0-9]").search(glued, at[i] + 1)   # after the first letter
             for j in range(min(len(toks), i + 64), i, -1):   # ... or come before some
+                if not sign or at[j] <= sign.start():
+                    break   # no capital or digit: plain words, not an encoding
                 s = glued[at[i]:at[j]].rstrip("=").replace("-", "+").replace("_", "/")
-                if len(s) < 12 or len(s) % 4 == 1 or not re.search("[A-Z0-9]", s[1:]):
-                    continue   # too short, a length no base64 has, or no sign of an encoding
+                if len(s) < 12 or len(s) % 4 == 1:
+                    continue   # too short, or a length no base64 has
                 try:
                     r = _text(base64.b64decode(s + "=" * (-len(s) % 4), validate=True))
                 except binascii.Error:
@@ -232,15 +239,20 @@ def morse_readings(text):
     return out
 
 
+_a = string.ascii_lowercase
+SHIFTS = [str.maketrans(_a + _a.upper(), _a[k:] + _a[:k] + (_a[k:] + _a[:k]).upper()) for k in range(26)]
+
+
 def _shift(s, k):
-    a = string.ascii_lowercase
-    return s.translate(str.maketrans(a + a.upper(), a[k:] + a[:k] + (a[k:] + a[:k]).upper()))
+    return s.translate(SHIFTS[k])
 
 
 def caesar_readings(text):
     """Every Caesar shift (ROT13 is one of them): the one under which the clauses that are not
     English read most as English, applied to each of them (a message has one key)."""
     clauses = _clauses(text)
+    if not clauses:
+        return []
     k = max(range(1, 26), key=lambda k: english(_shift(" ".join(m.group(0) for m in clauses), k)))
     return [(m.start(), m.end(), _shift(m.group(0), k)) for m in clauses]
 
