@@ -64,11 +64,11 @@ MORSE = dict(zip(".- -... -.-. -.. . ..-. --. .... .. .--- -.- .-.. -- -. --- .-
                  "abcdefghijklmnopqrstuvwxyz0123456789.,?'!/()&:;=+-\"@"))
 
 
+WORD = re.compile("[a-z]+")
+
+
 def words(text):
     return WORD.findall(text.casefold().replace("'", "").replace("\u2019", ""))
-
-
-WORD = re.compile("[a-z]+")
 
 
 def english(text):
