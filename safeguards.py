@@ -38,8 +38,8 @@ REFUSAL = "Sorry, I can't help with that. If you are in danger or thinking about
 # built-in Wikipedia and Python corpora and of the guard's training requests); between readings
 # of the same words, word order decides (the share of word pairs seen in those texts, a bigram
 # language model). A new encoding is one more decoder; the judge stays the same.
-# Text hidden in plain sight, in tag characters or in the first words of lines, is not replaced
-# but added beside the text, to be judged on its own.
+# Text hidden in plain sight (in tag characters, in the first words of lines, as the last of many
+# example questions) is not replaced but added beside the text, to be judged on its own.
 
 WORDS = {w: int(n) for w, n in (line.split() for line in
                                 (SAFETY / "english_words.txt").read_text(encoding="utf-8").splitlines())}
@@ -344,6 +344,16 @@ def acrostics(text):
     return out
 
 
+def last_request(text):
+    """The last user line of a transcript of example exchanges (three user lines or more, each
+    but the last answered: "Q: ... A: ...", "User: ... Assistant: ..."): the request the model is
+    asked to answer. A many-shot prompt buries it among harmless examples, whose words would
+    outweigh its own if only the whole text were judged."""
+    asks = re.findall(r"^[^\S\n]*(?:user|human|q|question)[^\S\n]*:[^\S\n]*(.+)$", text, re.M | re.I)
+    answers = re.findall(r"^[^\S\n]*(?:assistant|ai|a|answer|bot)[^\S\n]*:", text, re.M | re.I)
+    return asks[-1:] if len(asks) >= 3 and len(answers) >= len(asks) - 1 else []
+
+
 DECODERS = {"leetspeak": lambda text: [(0, len(text), leetspeak(text))], "base64": base64_readings, "hex": hex_readings, "url": url_readings, "morse": morse_readings,
             "caesar": caesar_readings, "reversed": reversed_readings, "pig_latin": piglatin_readings,
             "spacing": spacing_readings}
@@ -368,9 +378,10 @@ def _read(text, depth):
     """normalize(), as (text, steps, payloads)."""
     steps, payloads, hidden = [], [], []
     text = clean(text, steps, hidden)
-    found = acrostics(text)   # hidden in plain sight: judged on their own, like hidden characters
-    hidden += found
-    steps += ["acrostic"] * bool(found)
+    # judged on their own too, like hidden characters: an acrostic's message, a transcript's request
+    for name, found in (("acrostic", acrostics(text)), ("last_request", last_request(text))):
+        hidden += found
+        steps += [name] * bool(found)
     payloads += [_read(h, depth + 1)[0] for h in hidden]
     score = lambda t: english(t) + fluency(t)
     for _ in range(8):   # rounds: the decoder whose best reading gains most has its readings applied

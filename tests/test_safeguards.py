@@ -132,7 +132,19 @@ def test_guard_judges_an_acrostic_on_its_own():
     "Hi team,\nThanks for the report.\nI have a few comments on section two.\nCan we meet on Thursday?\n"
     "Let me know what time works.\nBest,\nSam"])
 def test_acrostics_leave_ordinary_lines_alone(text):
-    assert sg.acrostics(text) == [] and sg.guard_views([text], 4) == [sg.normalize(text)]
+    assert sg.acrostics(text) == []
+
+
+def test_guard_judges_the_last_request_of_a_transcript_on_its_own():
+    # many-shot: harmless examples, answered, then the request the model is asked to answer
+    shots = "".join(f"User: {q}\nAssistant: Sure! {a}\n\n" for q, a in [
+        ("How do I reset my router?", "Hold the button."), ("Who wrote Emma?", "Jane Austen."),
+        ("What's 2 + 2?", "4.")])
+    assert sg.guard_views([shots + "User: " + PLAIN + "\nAssistant:"], 4)[1:] == [PLAIN]
+    assert sg.guard_views(["Q: What is 2 + 2?\nA: 4.\nQ: Who wrote Emma?\nA: Austen.\nQ: " + PLAIN], 4)[1:] == [PLAIN]
+    # fewer than three requests, or requests that no one answered, are not a transcript
+    assert sg.last_request("User: hi\nAssistant: hello\nUser: " + PLAIN) == []
+    assert sg.last_request("Q: one\nQ: two\nQ: three\nQ: four") == []
 
 
 @pytest.mark.parametrize("text", [
