@@ -13,10 +13,11 @@ tests the deployed *system*: the model plus its safeguards, layer by layer:
      confusable letters), then searches: each decoder (base64, hex, URL-encoding, Morse, every
      Caesar shift, reversal, pig latin, spaced or glued letters, leetspeak) proposes readings
      of spans of the text, and a reading replaces its span when it reads as English and the
-     span did not; a message in the first words or letters of lines (an acrostic) is judged
-     on its own. Its policy: the guard reads English only, so a request in another language,
-     or one that no decoder turns into English, is refused. Both are in safeguards.py, which
-     the server (serve.py) runs too, without PyTorch.
+     span did not; a message in the first words or letters of lines (an acrostic), and the
+     last request of a many-shot transcript, are judged on their own. Its policy: the guard
+     reads English only, so a request in another language, or one that no decoder turns into
+     English, is refused. Both are in safeguards.py, which the server (serve.py) runs too,
+     without PyTorch.
   2. The guard: a logistic regression on hashed words and word pairs, labelling a text harmful
      or benign. It trains on seven requests in eight of data/safety/guard_train.jsonl (disjoint
      from the test suite) and flags at a threshold fitted on the eighth; it judges the user's

@@ -181,6 +181,9 @@ def _text(b):
     return s if s.strip() and sum(c.isprintable() or c in "\n\t" for c in s) >= 0.95 * len(s) else None
 
 
+SIGN = re.compile("[A-Z0-9]")   # a capital or a digit: a sign that letters may be base64
+
+
 def base64_readings(text):
     """Base64, standard or URL-safe, with or without padding, whole or split into groups."""
     out = []
@@ -190,7 +193,7 @@ def base64_readings(text):
         at = [0, *itertools.accumulate(len(t.group(0)) for t in toks)]
         found = None
         for i in range(min(len(toks), 8)):   # the payload may follow a few plain words ...
-            sign = re.compile("[A-Z0-9]").search(glued, at[i] + 1)   # after the first letter
+            sign = SIGN.search(glued, at[i] + 1)   # after the first letter
             for j in range(min(len(toks), i + 64), i, -1):   # ... or come before some
                 if not sign or at[j] <= sign.start():
                     break   # no capital or digit: plain words, not an encoding
