@@ -381,7 +381,7 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     a("--threads", type=common.natural_int, default=0, help="torch threads per process (0: PyTorch's default)")
     # how long
-    a("--epochs", type=common.positive_float, default=None, help="passes over the training windows (default 4)")
+    a("--epochs", type=common.positive_float, default=None, help="passes over the training windows (default 3)")
     a("--max-steps", type=common.positive_int, default=None, help="optimizer steps; overrides --epochs")
     # batch
     a("--batch-size", type=common.positive_int, default=8, help="sequences per optimizer step, all ranks together")
@@ -389,8 +389,8 @@ def parse_args(argv=None):
       help="sequences per forward pass per rank (default: batch-size / world size, no accumulation)")
     # optimiser and schedule
     a("--lr", type=common.positive_float, default=2.5e-3, help="peak learning rate")
-    a("--warmup-steps", type=common.natural_int, default=None, help="linear warmup length (default: a fifth of the steps)")
-    a("--min-lr", type=common.natural_float, default=None, help=argparse.SUPPRESS)   # the cosine's floor; default lr / 10
+    a("--warmup-steps", type=common.natural_int, default=None, help="linear warmup length (default: a tenth of the steps)")
+    a("--min-lr", type=common.natural_float, default=None, help=argparse.SUPPRESS)   # the cosine's floor; default lr / 100
     a("--clip", type=common.positive_float, default=1.0, help="gradient clipping threshold (norm or value)")
     a("--clip-mode", default="norm", choices=["norm", "value", "none"])
     a("--curriculum", type=common.fraction, default=0.0,
@@ -476,10 +476,11 @@ def set_up(args, rank, world, device):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
 
     sampler = data_order(args, train_tokens, meta, T, B)
-    # A long warmup: with beta2 = 0.99 Adam's second-moment estimate averages over ~100 steps,
-    # and until it has settled, full-size steps go astray (see docs/experiments.md).
-    args.warmup_steps = args.max_steps // 5 if args.warmup_steps is None else args.warmup_steps
-    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    # Warm up for a tenth of the run: with beta2 = 0.99 Adam's second-moment estimate averages
+    # over ~100 steps, and until it has settled, full-size steps go astray. Then decay to lr/100:
+    # the last, small steps settle into the minimum (both screened: docs/experiments.md).
+    args.warmup_steps = args.max_steps // 10 if args.warmup_steps is None else args.warmup_steps
+    args.min_lr = args.lr / 100 if args.min_lr is None else args.min_lr
     args.decay_steps = args.max_steps if args.decay_steps is None else args.decay_steps
     schedule = dict(lr=args.lr, warmup_steps=args.warmup_steps, warmup_lr=WARMUP_LR,
                     decay_steps=args.decay_steps, min_lr=args.min_lr)
@@ -534,10 +535,10 @@ def starting_point(args, out, work):
 
 def data_order(args, train_tokens, meta, T, B):
     """The order of the training windows (the curriculum's easiest first, if asked), and the
-    run's length: sets args.max_steps from --epochs (default 4) when it is not given."""
+    run's length: sets args.max_steps from --epochs (default 3) when it is not given."""
     sampler = make_sampler(len(train_tokens), T, args.seed)
     if args.max_steps is None:
-        args.max_steps = max(1, math.ceil((args.epochs or 4.0) * sampler.n_chunks / B))
+        args.max_steps = max(1, math.ceil((args.epochs or 3.0) * sampler.n_chunks / B))
     if not args.curriculum:
         return sampler
     starts, score = document_difficulty(train_tokens, Path(args.data) / "02_tokenize" / "train_docs.jsonl",

@@ -88,12 +88,12 @@ def test_schedule_warmup_peak_and_end():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))           # decays monotonically
 
 
-def test_default_warmup_is_a_fifth_of_the_steps(data, tmp_path):
+def test_default_warmup_is_a_tenth_of_the_steps(data, tmp_path):
     d = _copy_inputs(data, tmp_path / "a")
     i = FAST.index("--warmup-steps")
-    assert_ok(run("04_train", "--data", d, *FAST[:i], *FAST[i + 2:], "--max-steps", "10"))
+    assert_ok(run("04_train", "--data", d, *FAST[:i], *FAST[i + 2:], "--max-steps", "20"))
     lrs = [m["lr"] for m in read_metrics(d / "04_train")]
-    assert lrs[0] == pytest.approx(1e-6) and lrs[2] == pytest.approx(3e-3)  # peak at step 10 // 5
+    assert lrs[0] == pytest.approx(1e-6) and lrs[2] == pytest.approx(3e-3)  # peak at step 20 // 10
     assert lrs[0] < lrs[1] < lrs[2] > lrs[3]
 
 
