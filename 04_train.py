@@ -53,6 +53,10 @@ from common import UserError
 tok_lib = importlib.import_module("02_tokenize")
 model_lib = importlib.import_module("03_model")
 
+# The default run's length, when neither --epochs nor --max-steps is given (the flags default to
+# None so that --resume can tell an asked-for length from its checkpoint's).
+EPOCHS = 3.0
+
 # Settings nobody tunes from the command line (the runs that chose them: docs/experiments.md).
 WARMUP_LR = 1e-6       # the learning rate at step 0; warmup ramps from here to --lr
 EMBED_LR_SCALE = 8.0   # the embedding tables (token embedding = output head, value embeddings) learn at 8 x lr
@@ -381,7 +385,7 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     a("--threads", type=common.natural_int, default=0, help="torch threads per process (0: PyTorch's default)")
     # how long
-    a("--epochs", type=common.positive_float, default=None, help="passes over the training windows (default 3)")
+    a("--epochs", type=common.positive_float, default=None, help=f"passes over the training windows (default {EPOCHS:g})")
     a("--max-steps", type=common.positive_int, default=None, help="optimizer steps; overrides --epochs")
     # batch
     a("--batch-size", type=common.positive_int, default=8, help="sequences per optimizer step, all ranks together")
@@ -535,10 +539,10 @@ def starting_point(args, out, work):
 
 def data_order(args, train_tokens, meta, T, B):
     """The order of the training windows (the curriculum's easiest first, if asked), and the
-    run's length: sets args.max_steps from --epochs (default 3) when it is not given."""
+    run's length: sets args.max_steps from --epochs (default EPOCHS) when it is not given."""
     sampler = make_sampler(len(train_tokens), T, args.seed)
     if args.max_steps is None:
-        args.max_steps = max(1, math.ceil((args.epochs or 3.0) * sampler.n_chunks / B))
+        args.max_steps = max(1, math.ceil((args.epochs or EPOCHS) * sampler.n_chunks / B))
     if not args.curriculum:
         return sampler
     starts, score = document_difficulty(train_tokens, Path(args.data) / "02_tokenize" / "train_docs.jsonl",
